@@ -1,0 +1,397 @@
+"""Compression: Tucker-2 / SVD of every eligible layer, spectrum scaling, rank pruning.
+
+Phan et al., "Clean & Compact", ECCV 2024, steps 1-5 (see ``shared/method.md``). The
+function walks the module tree, so it works on post- and pre-activation nets and on user
+models outside the registry; it never needs to know the architecture.
+
+Layer kinds decided by the walk:
+
+- ``tucker2``: ``nn.Conv2d`` with ``groups == 1`` and a spatial kernel -> Tucker2Conv2d.
+- ``svd``: ``nn.Linear`` and 1x1 ``nn.Conv2d`` -> two-layer truncated SVD (for these the
+  two Tucker-2 modes share one spectrum).
+- ``dense``: eligible but kept dense, because the factorised form would not be smaller at
+  the allotted ranks, or because it is the image stem (``in_channels <= 4``: 64x3x3x3
+  needs 2,466 params factorised vs 1,728 dense), which is only scaled.
+- ``skipped``: depthwise / grouped convs (Tucker-2 does not apply) and the classifier (the
+  last Conv2d/Linear registered), left exactly as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnc_core.allocation import ALLOCATORS, Spectrum, bisect_theta
+from cnc_core.decompose import SVDFactors, Tucker2Factors, matrix_svd, tucker2_hosvd
+from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, replace_module
+from cnc_core.progress import ProgressFn, StagePlan
+from cnc_core.scaling import SCALING_RULES, normalise, scaling_factors
+
+STEM_MAX_IN_CHANNELS = 4
+
+
+class CompressionError(ValueError):
+    """The requested compression cannot be done (e.g. the ratio cannot be met)."""
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress.
+
+    Give ``ratio`` (whole-model parameters, original / compact, >= 1) or
+    ``param_budget`` (the most parameters the compact model may have), not both. With
+    ``allocation="full"`` every rank is kept and no budget applies (scaling only).
+    """
+
+    ratio: float | None = 3.0
+    param_budget: int | None = None
+    allocation: str = "keep_ratio"  # see cnc_core.allocation.ALLOCATORS
+    scaling: str = "none"  # see cnc_core.scaling.SCALING_RULES
+    t_scale: float = 1.0  # the rule's threshold T_scale
+    scale_stem: bool = True  # scale (never factorise) the image stem when scaling != none
+    decompose_linear: bool = True  # truncated SVD of hidden Linear layers
+    keep_dense_if_larger: bool = True  # False forces factorisation (exactness tests)
+    exclude: tuple[str, ...] = ()  # module names to leave alone
+
+    def validate(self) -> None:
+        if self.allocation != "full" and (self.ratio is None) == (self.param_budget is None):
+            raise CompressionError("give exactly one of ratio and param_budget")
+        if self.ratio is not None and (not math.isfinite(self.ratio) or self.ratio < 1.0):
+            raise CompressionError(
+                f"ratio must be a number >= 1 (original / compact parameters), got {self.ratio}"
+            )
+        if self.param_budget is not None and self.param_budget <= 0:
+            raise CompressionError(f"param_budget must be positive, got {self.param_budget}")
+        ALLOCATORS.get(self.allocation)
+        SCALING_RULES.get(self.scaling)
+        if self.t_scale <= 0:
+            raise CompressionError(f"t_scale must be positive, got {self.t_scale}")
+
+
+@dataclass
+class LayerDecision:
+    """What was done to one layer, with the spectra behind the decision."""
+
+    name: str
+    kind: str  # tucker2 | svd | dense | skipped
+    module_type: str  # Conv2d | Linear
+    weight_shape: tuple[int, ...]
+    reason: str = ""
+    full_ranks: tuple[int, int] = (0, 0)
+    ranks: tuple[int, int] = (0, 0)
+    params_before: int = 0  # weight + bias
+    params_after: int = 0
+    scaled: bool = False
+    s_out: list[float] = field(default_factory=list)  # normalised, descending
+    s_in: list[float] = field(default_factory=list)
+    f_out: list[float] = field(default_factory=list)  # scaling factors applied
+    f_in: list[float] = field(default_factory=list)
+
+    def surgery(self) -> dict[str, Any]:
+        """The replayable record (no spectra) stored in ``manifest.json``."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "module_type": self.module_type,
+            "weight_shape": list(self.weight_shape),
+            "ranks": list(self.ranks),
+            "full_ranks": list(self.full_ranks),
+            "scaled": self.scaled,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "reason": self.reason,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressResult:
+    """The compact model (a new module; the input is unchanged) and every decision."""
+
+    model: nn.Module
+    decisions: list[LayerDecision]
+    params_before: int
+    params_after: int
+    target_params: int | None
+    theta: float
+    config: CompressConfig
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def surgery_record(self) -> list[dict[str, Any]]:
+        return [d.surgery() for d in self.decisions if d.kind in ("tucker2", "svd")]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "target_params": self.target_params,
+            "achieved_ratio": self.achieved_ratio,
+            "theta": self.theta,
+            "config": asdict(self.config),
+            "layers": {k: sum(d.kind == k for d in self.decisions)
+                       for k in ("tucker2", "svd", "dense", "skipped")},
+        }
+
+
+@dataclass
+class _Candidate:
+    name: str
+    module: nn.Conv2d | nn.Linear
+    kind: str  # tucker2 | svd | stem
+    factors: Tucker2Factors | SVDFactors
+    f_out: Tensor
+    f_in: Tensor
+
+    @property
+    def spectrum(self) -> Spectrum:
+        if isinstance(self.factors, Tucker2Factors):
+            return Spectrum(self.factors.s_out, self.factors.s_in)
+        return Spectrum(self.factors.s, self.factors.s)
+
+    def weight_params(self, ranks: tuple[int, int]) -> int:
+        """Weight parameters of the factorised form at ``ranks``."""
+        w = self.module.weight
+        if self.kind == "svd":
+            return ranks[0] * (w.shape[0] + w.shape[1])
+        c_out, c_in = w.shape[0], w.shape[1]
+        k = int(w[0, 0].numel())
+        return c_in * ranks[1] + ranks[0] * ranks[1] * k + ranks[0] * c_out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def find_candidates(model: nn.Module, config: CompressConfig) -> tuple[
+    list[tuple[str, nn.Module, str]], list[tuple[str, nn.Module, str]]
+]:
+    """Walk the model: ``(eligible, skipped)`` lists of ``(name, module, kind_or_reason)``."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    classifier = layers[-1][0] if layers else None
+    eligible, skipped = [], []
+    for name, module in layers:
+        if name in config.exclude:
+            skipped.append((name, module, "excluded by config"))
+        elif name == classifier:
+            skipped.append((name, module, "classifier (produces the logits)"))
+        elif isinstance(module, nn.Linear):
+            if config.decompose_linear:
+                eligible.append((name, module, "svd"))
+            else:
+                skipped.append((name, module, "Linear decomposition disabled"))
+        elif module.groups != 1:
+            skipped.append((name, module, f"grouped conv (groups={module.groups})"))
+        elif module.kernel_size == (1, 1):
+            eligible.append((name, module, "svd"))
+        elif module.in_channels <= STEM_MAX_IN_CHANNELS:
+            if config.scale_stem and config.scaling != "none":
+                eligible.append((name, module, "stem"))
+            else:
+                skipped.append((name, module, "image stem (Tucker-2 does not shrink it)"))
+        else:
+            eligible.append((name, module, "tucker2"))
+    return eligible, skipped
+
+
+def compress(
+    model: nn.Module, config: CompressConfig, progress: ProgressFn | None = None
+) -> CompressResult:
+    """Decompose, scale and prune ``model`` to the budget in ``config``.
+
+    The input model is not changed; the result holds a new module on the same device.
+    Raises :class:`CompressionError` when the budget cannot be met, naming the best
+    ratio that can.
+    """
+    config.validate()
+    plan = StagePlan([("decompose", 3.0), ("allocate", 1.0), ("build", 1.0)], progress)
+    params_before = count_params(model)
+    eligible, skipped = find_candidates(model, config)
+
+    candidates: list[_Candidate] = []
+    with plan.stage("decompose") as report:
+        for i, (name, module, kind) in enumerate(eligible):
+            candidates.append(_decompose(name, module, kind, config))  # type: ignore[arg-type]
+            report((i + 1) / max(len(eligible), 1))
+
+    eligible_dense = sum(_layer_params(c.module) for c in candidates)
+    fixed = params_before - eligible_dense
+    if config.allocation == "full":
+        target = None
+    elif config.param_budget is not None:
+        target = config.param_budget
+    else:
+        target = int(math.floor(params_before / float(config.ratio or 1.0)))
+    rule = ALLOCATORS.get(config.allocation)
+
+    def choose(c: _Candidate, theta: float) -> tuple[str, tuple[int, int], int]:
+        full = c.factors.ranks if isinstance(c.factors, Tucker2Factors) else (c.factors.rank,) * 2
+        if c.kind == "stem":
+            return "dense", full, _layer_params(c.module)
+        ranks = rule(c.spectrum, theta)
+        if c.kind == "svd":
+            ranks = (min(ranks), min(ranks))
+        bias = c.module.bias.numel() if c.module.bias is not None else 0
+        factorised = c.weight_params(ranks) + bias
+        dense = _layer_params(c.module)
+        if config.keep_dense_if_larger and factorised >= dense:
+            return "dense", full, dense
+        return c.kind, ranks, factorised
+
+    def total(theta: float) -> int:
+        return fixed + sum(choose(c, theta)[2] for c in candidates)
+
+    with plan.stage("allocate"):
+        smallest = total(0.0)
+        if target is None:
+            theta = 1.0
+        elif smallest > target:
+            asked = config.ratio if config.ratio is not None else params_before / max(target, 1)
+            raise CompressionError(
+                f"cannot reach {asked:.2f}x "
+                f"({target:,} parameters): the smallest model this allocation can make has "
+                f"{smallest:,} parameters ({params_before / smallest:.2f}x); "
+                f"{fixed:,} parameters sit in layers that are not decomposed"
+            )
+        else:
+            theta = bisect_theta(total, target)
+
+    compact = copy.deepcopy(model)
+    decisions: list[LayerDecision] = []
+    with plan.stage("build") as report:
+        for i, c in enumerate(candidates):
+            kind, ranks, params_after = choose(c, theta)
+            decisions.append(_apply(compact, c, kind, ranks, params_after, config))
+            report((i + 1) / max(len(candidates), 1))
+    for name, module, reason in skipped:
+        decisions.append(
+            LayerDecision(
+                name=name,
+                kind="skipped",
+                module_type=type(module).__name__,
+                weight_shape=tuple(module.weight.shape),  # type: ignore[arg-type]
+                reason=reason,
+                params_before=_layer_params(module),
+                params_after=_layer_params(module),
+            )
+        )
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    decisions.sort(key=lambda d: order.get(d.name, 0))
+    return CompressResult(
+        model=compact,
+        decisions=decisions,
+        params_before=params_before,
+        params_after=count_params(compact),
+        target_params=target,
+        theta=theta,
+        config=config,
+    )
+
+
+def _layer_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _decompose(name: str, module: nn.Conv2d | nn.Linear, kind: str, config: CompressConfig) -> _Candidate:
+    factors: Tucker2Factors | SVDFactors
+    if kind == "svd":
+        factors = matrix_svd(module.weight)
+        f = scaling_factors(factors.s, config.scaling, config.t_scale)
+        return _Candidate(name, module, kind, factors, f, f)
+    factors = tucker2_hosvd(module.weight)
+    f_out = scaling_factors(factors.s_out, config.scaling, config.t_scale)
+    f_in = scaling_factors(factors.s_in, config.scaling, config.t_scale)
+    return _Candidate(name, module, kind, factors, f_out, f_in)
+
+
+def _apply(
+    model: nn.Module,
+    c: _Candidate,
+    kind: str,
+    ranks: tuple[int, int],
+    params_after: int,
+    config: CompressConfig,
+) -> LayerDecision:
+    """Replace (or rescale in place) layer ``c.name`` inside ``model``."""
+    scaled = config.scaling != "none"
+    target = model.get_submodule(c.name)
+    if isinstance(c.factors, Tucker2Factors):
+        factors = c.factors.scale(c.f_out, c.f_in)
+        full = c.factors.ranks
+    else:
+        factors = c.factors.scale(c.f_out)
+        full = (c.factors.rank, c.factors.rank)
+    new: nn.Module | None = None
+    if kind == "tucker2" and isinstance(factors, Tucker2Factors):
+        new = Tucker2Conv2d.from_conv(target, factors.truncate(*ranks))  # type: ignore[arg-type]
+    elif kind == "svd" and isinstance(factors, SVDFactors):
+        low = factors.truncate(ranks[0])
+        if isinstance(target, nn.Linear):
+            new = LowRankLinear.from_linear(target, low)
+        else:
+            new = LowRankConv1x1.from_conv(target, low)  # type: ignore[arg-type]
+    elif scaled:
+        # kept dense, but the spectrum is still scaled: write back the full-rank product
+        with torch.no_grad():
+            w = factors.reconstruct().reshape(target.weight.shape)  # type: ignore[union-attr]
+            target.weight.copy_(w.to(target.weight.dtype))  # type: ignore[union-attr]
+    if new is not None:
+        replace_module(model, c.name, new)
+    reason = {
+        "tucker2": "Tucker-2 factorised",
+        "svd": "truncated SVD",
+        "dense": "image stem: scaled only" if c.kind == "stem"
+        else "factorised form would not be smaller",
+    }[kind]
+    return LayerDecision(
+        name=c.name,
+        kind=kind,
+        module_type=type(c.module).__name__,
+        weight_shape=tuple(c.module.weight.shape),
+        reason=reason,
+        full_ranks=full,
+        ranks=ranks,
+        params_before=_layer_params(c.module),
+        params_after=params_after,
+        scaled=scaled,
+        s_out=normalise(c.spectrum.s_out).tolist(),
+        s_in=normalise(c.spectrum.s_in).tolist(),
+        f_out=c.f_out.tolist(),
+        f_in=c.f_in.tolist(),
+    )
+
+
+def apply_surgery(model: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
+    """Replay a surgery record on an uncompressed skeleton (in place), with empty weights.
+
+    Used by :func:`cnc_core.export.load_compact`: the weights come from safetensors next.
+    """
+    for entry in record:
+        name, kind, ranks = entry["name"], entry["kind"], tuple(entry["ranks"])
+        target = model.get_submodule(name)
+        shape = tuple(entry["weight_shape"])
+        if tuple(target.weight.shape) != shape:  # type: ignore[union-attr]
+            raise ValueError(
+                f"surgery record does not fit the model: {name} has weight "
+                f"{tuple(target.weight.shape)}, the record says {shape}"  # type: ignore[union-attr]
+            )
+        new: nn.Module
+        if kind == "tucker2" and isinstance(target, nn.Conv2d):
+            new = Tucker2Conv2d(target, (ranks[0], ranks[1]))
+        elif kind == "svd" and isinstance(target, nn.Linear):
+            new = LowRankLinear(target, ranks[0])
+        elif kind == "svd" and isinstance(target, nn.Conv2d):
+            new = LowRankConv1x1(target, ranks[0])
+        else:
+            raise ValueError(f"unknown surgery {kind!r} on {type(target).__name__} {name}")
+        replace_module(model, name, new)
+    return model

@@ -1,0 +1,177 @@
+"""Factorised layers and whole-model compression: exactness, budgets, errors, surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnc_core.compress import CompressConfig, CompressionError, apply_surgery, compress
+from cnc_core.decompose import matrix_svd, tucker2_hosvd
+from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, replace_module
+from cnc_core.models import create_model, list_models, model_info
+
+
+def _input(arch: str, batch: int = 2) -> torch.Tensor:
+    size = 32 if model_info(arch).input_size <= 32 else 64
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _model(arch: str, width: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_chans=3, width=width)
+    # non-trivial BN statistics, so the exactness test covers them
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(6, 8, (3, 5), padding=(1, 2), dilation=(1, 1)),
+        nn.Conv2d(6, 8, 3, padding=2, dilation=2),
+        nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"),
+    ],
+)
+def test_tucker2_conv_equals_conv_at_full_rank(conv: nn.Conv2d) -> None:
+    torch.manual_seed(0)
+    layer = Tucker2Conv2d.from_conv(conv, tucker2_hosvd(conv.weight))
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)
+
+
+def test_low_rank_1x1_and_linear_equal_originals_at_full_rank() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 1, stride=2, padding=1)
+    x = torch.randn(2, 6, 7, 7)
+    assert torch.allclose(LowRankConv1x1.from_conv(conv, matrix_svd(conv.weight))(x), conv(x), atol=1e-5)
+    lin = nn.Linear(12, 5)
+    v = torch.randn(3, 12)
+    assert torch.allclose(LowRankLinear.from_linear(lin, matrix_svd(lin.weight))(v), lin(v), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_full_rank_decomposition_is_exact_for_every_architecture(arch: str) -> None:
+    model = _model(arch)
+    x = _input(arch)
+    config = CompressConfig(ratio=None, allocation="full", keep_dense_if_larger=False)
+    result = compress(model, config)
+    assert any(d.kind in ("tucker2", "svd") for d in result.decisions)
+    with torch.no_grad():
+        assert torch.allclose(result.model.eval()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0, 4.0])
+def test_ratio_is_met_and_reported_exactly(ratio: float) -> None:
+    model = _model("resnet18", width=8)
+    result = compress(model, CompressConfig(ratio=ratio))
+    params = sum(p.numel() for p in result.model.parameters())
+    assert result.params_after == params
+    assert result.achieved_ratio >= ratio
+    assert result.achieved_ratio < ratio * 1.1  # no large overshoot either
+    assert result.model(_input("resnet18")).shape == (2, 10)
+
+
+@pytest.mark.parametrize("allocation", ["keep_ratio", "threshold", "energy"])
+def test_every_allocator_meets_a_parameter_budget(allocation: str) -> None:
+    model = _model("resnet18", width=8)
+    budget = sum(p.numel() for p in model.parameters()) // 3
+    result = compress(model, CompressConfig(ratio=None, param_budget=budget, allocation=allocation))
+    assert result.params_after <= budget
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.0, -1.0, float("nan")])
+def test_ratio_below_one_is_an_error(ratio: float) -> None:
+    with pytest.raises(CompressionError, match="ratio must be"):
+        compress(_model("simple_cnn"), CompressConfig(ratio=ratio))
+
+
+def test_unreachable_ratio_names_the_best_achievable() -> None:
+    with pytest.raises(CompressionError, match=r"cannot reach 1000\.00x.*smallest model"):
+        compress(_model("resnet18"), CompressConfig(ratio=1000))
+
+
+def test_input_model_is_not_changed() -> None:
+    model = _model("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compress(model, CompressConfig(ratio=3, scaling="clip", t_scale=0.5))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stem_depthwise_and_classifier_are_never_factorised() -> None:
+    model = _model("mobilenet_v2")
+    result = compress(model, CompressConfig(ratio=1.5))
+    by_name = {d.name: d for d in result.decisions}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            assert by_name[name].kind == "skipped"
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            assert by_name[name].kind in ("skipped", "dense")
+    assert by_name["classifier.1"].kind == "skipped"
+
+
+def test_scaling_changes_weights_but_not_shapes_and_stem_is_only_scaled() -> None:
+    model = _model("resnet18")
+    result = compress(model, CompressConfig(ratio=None, allocation="full", scaling="clip",
+                                            t_scale=0.5))
+    stem = {d.name: d for d in result.decisions}["conv1"]
+    assert stem.kind == "dense" and stem.scaled
+    assert not torch.equal(result.model.conv1.weight, model.conv1.weight)
+    s = torch.linalg.svdvals(result.model.conv1.weight.detach().reshape(model.conv1.out_channels, -1))
+    assert float(s.max() / s.max()) == 1  # finite
+    assert result.params_after == result.params_before
+
+
+def test_preactivation_and_user_models_work_by_module_walk() -> None:
+    class UserNet(nn.Module):  # outside the registry, pre-activation order
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn0 = nn.BatchNorm2d(3)
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.a(torch.relu(self.bn0(x)))
+            x = self.b(torch.relu(self.bn1(x)))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = UserNet().eval()
+    result = compress(net, CompressConfig(ratio=1.3))
+    assert {d.name: d.kind for d in result.decisions}["b"] == "tucker2"
+    assert result.model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_surgery_record_replays_onto_a_fresh_skeleton() -> None:
+    model = _model("preact_resnet18")
+    result = compress(model, CompressConfig(ratio=2.5))
+    skeleton = create_model("preact_resnet18", num_classes=10, width=4)
+    apply_surgery(skeleton, result.surgery_record())
+    skeleton.load_state_dict(result.model.state_dict())
+    x = _input("preact_resnet18")
+    assert torch.allclose(skeleton.eval()(x), result.model(x), atol=1e-6)
+
+
+def test_replace_module_in_sequential_and_attribute() -> None:
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 3)))
+    old = replace_module(seq, "1.1", nn.Identity())
+    assert isinstance(old, nn.Linear) and isinstance(seq[1][1], nn.Identity)
+    with pytest.raises(ValueError):
+        replace_module(seq, "", nn.Identity())
+
+
+def test_progress_reports_monotone_fractions() -> None:
+    seen: list[tuple[str, float]] = []
+    compress(_model("simple_cnn"), CompressConfig(ratio=1.2), progress=lambda s, f: seen.append((s, f)))
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {s for s, _ in seen} >= {"decompose", "allocate", "build"}
