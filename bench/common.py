@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmarks: machine description and interleaved timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark, for the results files."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@torch.inference_mode()
+def interleaved_latency(
+    models: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    repeats: int,
+    warmup: int = 3,
+) -> list[float]:
+    """Median forward time (ms) of each model, timed round-robin so that machine noise
+    falls on all of them alike: the ratios are measured side by side."""
+    x = torch.randn(batch_size, *input_shape, device=device)
+    for model in models:
+        model.eval().to(device)
+        for _ in range(warmup):
+            model(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(t) for t in times]

@@ -1,0 +1,123 @@
+"""Compression benchmark: params, MACs and latency of ResNet-18 before and after C&C
+compression at 2x / 3x / 4x, measured side by side in one run.
+
+    .venv/bin/python bench/compress.py                 # widths 16 and 64, CPU
+    .venv/bin/python bench/compress.py --device cuda   # on a GPU
+
+Writes ``bench/results/compress-<device>.md`` and ``.json``. Compression only (no
+purification); weights are random (seeded): latency and size do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import interleaved_latency, machine  # noqa: E402
+from cnc_core.compress import CompressConfig, compress  # noqa: E402
+from cnc_core.metrics import count_macs, count_params  # noqa: E402
+from cnc_core.models import create_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run(widths: list[int], ratios: list[float], batches: list[int], device: torch.device,
+        repeats: int, allocation: str) -> dict:
+    rows = []
+    shape = (3, 32, 32)
+    for width in widths:
+        torch.manual_seed(0)
+        original = create_model("resnet18", num_classes=10, width=width).eval()
+        compact = {}
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            result = compress(original, CompressConfig(ratio=ratio, allocation=allocation))
+            compact[ratio] = (result.model.eval(), time.perf_counter() - t0, result.achieved_ratio)
+        models = [original] + [compact[r][0] for r in ratios]
+        latencies = {
+            b: interleaved_latency(models, shape, batch_size=b, device=device, repeats=repeats)
+            for b in batches
+        }
+        p0, m0 = count_params(original), count_macs(original, shape)
+        for i, ratio in enumerate([1.0] + ratios):
+            model = models[i]
+            params, macs = count_params(model), count_macs(model, shape)
+            row = {
+                "width": width,
+                "target_ratio": ratio,
+                "params": params,
+                "param_ratio": p0 / params,
+                "macs": macs,
+                "mac_ratio": m0 / macs,
+                "compress_s": compact[ratio][1] if ratio in compact else 0.0,
+            }
+            for b in batches:
+                row[f"latency_b{b}_ms"] = latencies[b][i]
+                row[f"speedup_b{b}"] = latencies[b][0] / latencies[b][i]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"machine": machine(), "device": str(device), "allocation": allocation,
+            "repeats": repeats, "rows": rows}
+
+
+def to_markdown(data: dict, batches: list[int]) -> str:
+    m = data["machine"]
+    lines = [
+        "# Compression benchmark: ResNet-18 (CIFAR stem, 10 classes, 32x32 input)",
+        "",
+        f"Machine: {m.get('cuda_device') or m['processor']}, {m['cpu_count']} CPUs, "
+        f"torch {m['torch']} ({m['torch_threads']} threads); device {data['device']}; "
+        f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs.",
+        "Command: `.venv/bin/python bench/compress.py"
+        + (" --device cuda" if data["device"].startswith("cuda") else "") + "`",
+        "",
+        "| width | target | params | param ratio | MACs | MAC ratio | "
+        + " | ".join(f"latency b{b} (ms) | speed-up b{b}" for b in batches)
+        + " | speed-up / MAC ratio (b64) |",
+        "|---|---|---|---|---|---|" + "---|---|" * len(batches) + "---|",
+    ]
+    for r in data["rows"]:
+        cells = [
+            str(r["width"]),
+            "original" if r["target_ratio"] == 1.0 else f"{r['target_ratio']:g}x",
+            f"{r['params']:,}",
+            f"{r['param_ratio']:.2f}x",
+            f"{r['macs'] / 1e6:,.1f}M",
+            f"{r['mac_ratio']:.2f}x",
+        ]
+        for b in batches:
+            cells += [f"{r[f'latency_b{b}_ms']:.2f}", f"{r[f'speedup_b{b}']:.2f}x"]
+        key = f"speedup_b{batches[-1]}"
+        cells.append(f"{r[key] / r['mac_ratio']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--allocation", default="keep_ratio")
+    parser.add_argument("--tag", default="", help="suffix for the results file names")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data = run(args.widths, args.ratios, args.batches, device, args.repeats, args.allocation)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"compress-{device.type}{args.tag}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    (RESULTS / f"{stem}.md").write_text(to_markdown(data, args.batches))
+    print(to_markdown(data, args.batches))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The ``cnc`` command line: ``cnc compress``, ``cnc purify`` and ``cnc inspect``.
+
+Exit codes: 0 done, 2 bad usage, 3 bad input (checkpoint, settings, data), 4 the work
+failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 3
+EXIT_FAILED = 4
+EXIT_INTERRUPTED = 130
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5 or 0.48,0.46,0.41: {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="checkpoint: .safetensors or a torch.save'd state dict")
+    p.add_argument("--arch", required=True, help="architecture name (see `cnc inspect --list`)")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--width", type=int, default=None,
+                   help="channel width (default: the architecture's standard width)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=32, help="input height = width in pixels")
+    p.add_argument("--mean", type=_floats, default=(0.0,),
+                   help="input normalisation mean, one value or one per channel")
+    p.add_argument("--std", type=_floats, default=(1.0,), help="input normalisation std")
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=float, default=3.0,
+                   help="whole-model parameter ratio, original / compact (>= 1)")
+    p.add_argument("--allocation", default=None, help="rank allocation strategy")
+    p.add_argument("--scaling", default=None, help="singular-value scaling rule")
+    p.add_argument("--t-scale", type=float, default=None, help="the scaling rule's T_scale")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="advanced knob (JSON value), e.g. --set epochs=5; repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnc",
+        description="Clean & Compact: remove backdoors from and compress CNN classifiers, "
+        "data-free (Phan et al., ECCV 2024).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compress", help="compress a model (no purification)")
+    _model_args(p)
+    _compress_args(p)
+    _run_args(p)
+    p = sub.add_parser("purify", help="remove a backdoor and compress, data-free")
+    _model_args(p)
+    _compress_args(p)
+    _run_args(p)
+    p.add_argument("--method", default="cnc", help="cnc | cnc-paper | clp | compress")
+    p.add_argument("--eval-clean", type=Path, help=".npz (images, labels) to measure ACC")
+    p.add_argument("--eval-poisoned", type=Path,
+                   help=".npz (images, labels = attack target) to measure ASR")
+    p = sub.add_parser("inspect", help="print layers, spectra and what would be compressed")
+    p.add_argument("model", type=Path, nargs="?")
+    p.add_argument("--list", action="store_true", help="list the known architectures")
+    p.add_argument("--arch")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--in-chans", type=int, default=3)
+    _compress_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _knobs(args: argparse.Namespace) -> dict[str, Any]:
+    knobs: dict[str, Any] = {}
+    for key in ("allocation", "scaling"):
+        if getattr(args, key, None) is not None:
+            knobs[key] = getattr(args, key)
+    if getattr(args, "t_scale", None) is not None:
+        knobs["t_scale"] = args.t_scale
+    for item in getattr(args, "set", []):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            knobs[key] = raw
+    return knobs
+
+
+class _Bar:
+    """A tqdm bar fed by the (stage, fraction) progress callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=1000, disable=not enabled, unit="‰", dynamic_ncols=True,
+                         bar_format="{desc:<28} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        self._bar.set_description_str(stage[:28])
+        self._bar.update(max(0, int(fraction * 1000) - self._bar.n))
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cnc_core.job import JobConfig, run_job
+
+    method = getattr(args, "method", "compress")
+    config = JobConfig(
+        arch=args.arch,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        input_size=args.input_size,
+        width=args.width,
+        mean=args.mean,
+        std=args.std,
+        method=method,
+        ratio=args.ratio,
+        seed=args.seed,
+        device=args.device,
+        export_onnx=not args.no_onnx,
+        advanced=_knobs(args),
+    )
+    bar = _Bar(enabled=not args.quiet)
+    try:
+        result = run_job(args.model, args.out, config, progress=bar)
+    finally:
+        bar.close()
+    report = result.report
+    if getattr(args, "eval_clean", None) or getattr(args, "eval_poisoned", None):
+        report["evaluation"] = _evaluate(args, config, result)
+        (result.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    comp = report.get("compression", {})
+    ratios = report["metrics"]["ratios"]
+    print(f"wrote {len(result.artifacts)} artifacts to {result.out_dir}")
+    print(f"  parameters {comp.get('params_before', 0):,} -> {comp.get('params_after', 0):,} "
+          f"({ratios['param ratio']:.2f}x), MACs {ratios['MAC ratio']:.2f}x fewer")
+    for key, value in ratios.items():
+        if key.startswith("speed-up"):
+            print(f"  {key}: {value:.2f}x")
+    if result.suspected_target is not None:
+        print(f"  suspected backdoor target class: {result.suspected_target}")
+    for key, value in report.get("evaluation", {}).items():
+        print(f"  {key}: {value:.2f}%")
+    print(f"  device {result.device}; report {result.artifacts['report.json']}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, config: Any, result: Any) -> dict[str, float]:
+    """ACC / ASR of the original and the compact model on the user's own data."""
+    from cnc_core.evaluate import accuracy, load_eval_npz
+    from cnc_core.export import ModelSpec, load_compact
+    from cnc_core.io import load_checkpoint
+
+    spec = ModelSpec(arch=config.arch, num_classes=config.num_classes, in_chans=config.in_chans,
+                     width=config.width, input_size=config.input_size)
+    original = load_checkpoint(args.model, spec.build())
+    compact = load_compact(result.out_dir)
+    out: dict[str, float] = {}
+    for flag, label in (("eval_clean", "ACC"), ("eval_poisoned", "ASR")):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        images, labels = load_eval_npz(path)
+        shape = tuple(images.shape[1:])
+        if shape != spec.input_shape:
+            raise ValueError(f"{path}: images have shape {shape}, the model takes {spec.input_shape}")
+        for name, model in (("original", original), ("purified", compact)):
+            out[f"{label} {name}"] = accuracy(model, images, labels, mean=config.mean, std=config.std)
+    return out
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cnc_core.models import list_models
+
+    if args.list or args.model is None:
+        print("\n".join(list_models()))
+        return 0
+    if args.arch is None or args.num_classes is None:
+        raise ValueError("inspect MODEL needs --arch and --num-classes")
+    from cnc_core.compress import CompressConfig, compress
+    from cnc_core.io import load_checkpoint
+    from cnc_core.models import create_model
+
+    model = load_checkpoint(
+        args.model, create_model(args.arch, num_classes=args.num_classes, in_chans=args.in_chans,
+                                 width=args.width)
+    )
+    knobs = _knobs(args)
+    result = compress(model, CompressConfig(ratio=args.ratio, **knobs))
+    if args.json:
+        print(json.dumps({"summary": result.summary(),
+                          "layers": [d.surgery() for d in result.decisions]}, indent=2))
+        return 0
+    print(f"{args.arch} (width {args.width}): {result.params_before:,} parameters")
+    print(f"at {args.ratio}x ({result.config.allocation}): {result.params_after:,} parameters, "
+          f"achieved {result.achieved_ratio:.3f}x\n")
+    print(f"{'layer':<32} {'kind':<8} {'weight':<18} {'ranks':<12} {'params':>18}  note")
+    for d in result.decisions:
+        ranks = f"{d.ranks[0]}/{d.full_ranks[0]},{d.ranks[1]}/{d.full_ranks[1]}" \
+            if d.full_ranks[0] else "-"
+        shape = "x".join(map(str, d.weight_shape))
+        params = f"{d.params_before:,}->{d.params_after:,}"
+        print(f"{d.name:<32} {d.kind:<8} {shape:<18} {ranks:<12} {params:>18}  {d.reason}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cnc_core.progress import Cancelled
+
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, IsADirectoryError) as exc:
+        # CheckpointError and CompressionError are ValueErrors with a readable reason
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        print(f"failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
