@@ -19,7 +19,7 @@ from cnc_core import __version__
 from cnc_core.compress import CompressConfig, compress
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
-from cnc_core.metrics import model_stats
+from cnc_core.metrics import measure_latency, model_stats
 from cnc_core.onnx_export import export_onnx, verify_onnx
 from cnc_core.plots import plot_histogram, plot_spectra, plot_summary
 from cnc_core.progress import ProgressFn, StagePlan
@@ -215,23 +215,14 @@ def run_job(
             artifacts["model.onnx"] = onnx_path
 
     with plan.stage("measure") as report:
-        batches = tuple(job_knobs["latency_batches"]) if job_knobs["measure_latency"] else ()
-        repeats = int(job_knobs["latency_repeats"])
-        before = model_stats(original, input_shape, latency_batches=batches, device=device,
-                             repeats=repeats)
-        report(0.5)
-        after = model_stats(compact, input_shape, latency_batches=batches, device=device,
-                            repeats=repeats)
-
-    metrics = {"before": before.to_dict(), "after": after.to_dict()}
-    metrics["ratios"] = _ratios(metrics["before"], metrics["after"])
+        metrics = _measure(original, compact, input_shape, device, job_knobs, report)
     with plan.stage("plots"):
         plots = out_dir / "plots"
         artifacts["plots/spectra.png"] = plot_spectra(decisions, plots / "spectra.png")
         headline = {
             "method": config.method,
             "arch": f"{config.arch} (width {config.width})",
-            "params": f"{before.params:,} -> {after.params:,}",
+            "params": f"{metrics['before']['params']:,} -> {metrics['after']['params']:,}",
             **{k: v for k, v in metrics["ratios"].items()},
             "device": describe_device(device),
         }
@@ -267,6 +258,33 @@ def run_job(
         device=describe_device(device),
         suspected_target=suspected,
     )
+
+
+def _measure(
+    original: torch.nn.Module,
+    compact: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+    knobs: dict[str, Any],
+    report: Any,
+) -> dict[str, Any]:
+    """Params, MACs, bytes and latency of both models: on the CPU always (the deployment
+    target of most users), and on the job's GPU as well when it ran on one."""
+    batches = tuple(knobs["latency_batches"]) if knobs["measure_latency"] else ()
+    repeats = int(knobs["latency_repeats"])
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    out: dict[str, Any] = {}
+    for i, (key, model) in enumerate((("before", original), ("after", compact))):
+        stats = model_stats(model, input_shape, latency_batches=(), device=device).to_dict()
+        for dev in devices:
+            for batch in batches:
+                result = measure_latency(model, input_shape, batch_size=batch, device=dev,
+                                         repeats=repeats)
+                stats["latency"].append(result.to_dict())
+        out[key] = stats
+        report((i + 1) / 2)
+    out["ratios"] = _ratios(out["before"], out["after"])
+    return out
 
 
 def _ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
