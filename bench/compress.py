@@ -28,43 +28,58 @@ from cnc_core.models import create_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(widths: list[int], ratios: list[float], batches: list[int], device: torch.device,
-        repeats: int, allocation: str) -> dict:
+def run(
+    widths: list[int],
+    ratios: list[float],
+    batches: list[int],
+    device: torch.device,
+    repeats: int,
+    allocation: str,
+    shares: list[float],
+) -> dict:
     rows = []
     shape = (3, 32, 32)
     for width in widths:
         torch.manual_seed(0)
         original = create_model("resnet18", num_classes=10, width=width).eval()
+        variants = [(r, s) for r in ratios for s in shares]
         compact = {}
-        for ratio in ratios:
+        for ratio, share in variants:
             t0 = time.perf_counter()
-            result = compress(original, CompressConfig(ratio=ratio, allocation=allocation))
-            compact[ratio] = (result.model.eval(), time.perf_counter() - t0, result.achieved_ratio)
-        models = [original] + [compact[r][0] for r in ratios]
+            config = CompressConfig(ratio=ratio, allocation=allocation, min_layer_share=share)
+            result = compress(original, config)
+            compact[(ratio, share)] = (result.model.eval(), time.perf_counter() - t0)
+        models = [original] + [compact[v][0] for v in variants]
         latencies = {
             b: interleaved_latency(models, shape, batch_size=b, device=device, repeats=repeats)
             for b in batches
         }
         p0, m0 = count_params(original), count_macs(original, shape)
-        for i, ratio in enumerate([1.0] + ratios):
+        for i, (ratio, share) in enumerate([(1.0, 0.0)] + variants):
             model = models[i]
             params, macs = count_params(model), count_macs(model, shape)
             row = {
                 "width": width,
                 "target_ratio": ratio,
+                "min_layer_share": share,
                 "params": params,
                 "param_ratio": p0 / params,
                 "macs": macs,
                 "mac_ratio": m0 / macs,
-                "compress_s": compact[ratio][1] if ratio in compact else 0.0,
+                "compress_s": compact[(ratio, share)][1] if i else 0.0,
             }
             for b in batches:
                 row[f"latency_b{b}_ms"] = latencies[b][i]
                 row[f"speedup_b{b}"] = latencies[b][0] / latencies[b][i]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"machine": machine(), "device": str(device), "allocation": allocation,
-            "repeats": repeats, "rows": rows}
+    return {
+        "machine": machine(),
+        "device": str(device),
+        "allocation": allocation,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def to_markdown(data: dict, batches: list[int]) -> str:
@@ -76,17 +91,19 @@ def to_markdown(data: dict, batches: list[int]) -> str:
         f"torch {m['torch']} ({m['torch_threads']} threads); device {data['device']}; "
         f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs.",
         "Command: `.venv/bin/python bench/compress.py"
-        + (" --device cuda" if data["device"].startswith("cuda") else "") + "`",
+        + (" --device cuda" if data["device"].startswith("cuda") else "")
+        + "`",
         "",
-        "| width | target | params | param ratio | MACs | MAC ratio | "
+        "| width | target | min_layer_share | params | param ratio | MACs | MAC ratio | "
         + " | ".join(f"latency b{b} (ms) | speed-up b{b}" for b in batches)
         + " | speed-up / MAC ratio (b64) |",
-        "|---|---|---|---|---|---|" + "---|---|" * len(batches) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|---|" * len(batches) + "---|",
     ]
     for r in data["rows"]:
         cells = [
             str(r["width"]),
             "original" if r["target_ratio"] == 1.0 else f"{r['target_ratio']:g}x",
+            "-" if r["target_ratio"] == 1.0 else f"{r['min_layer_share']:g}",
             f"{r['params']:,}",
             f"{r['param_ratio']:.2f}x",
             f"{r['macs'] / 1e6:,.1f}M",
@@ -108,10 +125,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--allocation", default="keep_ratio")
+    parser.add_argument(
+        "--shares",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.05],
+        help="min_layer_share values to compare side by side",
+    )
     parser.add_argument("--tag", default="", help="suffix for the results file names")
     args = parser.parse_args()
     device = torch.device(args.device)
-    data = run(args.widths, args.ratios, args.batches, device, args.repeats, args.allocation)
+    data = run(
+        args.widths, args.ratios, args.batches, device, args.repeats, args.allocation, args.shares
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"compress-{device.type}{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))

@@ -83,9 +83,7 @@ def full(spectrum: Spectrum, theta: float) -> tuple[int, int]:
     return int(spectrum.s_out.numel()), int(spectrum.s_in.numel())
 
 
-def bisect_theta(
-    total_params: Callable[[float], int], budget: int, iterations: int = 50
-) -> float:
+def bisect_theta(total_params: Callable[[float], int], budget: int, iterations: int = 50) -> float:
     """Largest ``theta`` in ``[0, 1]`` with ``total_params(theta) <= budget``.
 
     ``total_params`` must be non-decreasing in ``theta``; the caller checks that

@@ -22,7 +22,9 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.replace(",", " ").split())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.5 or 0.48,0.46,0.41: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.5 or 0.48,0.46,0.41: {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -32,18 +34,30 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="checkpoint: .safetensors or a torch.save'd state dict")
     p.add_argument("--arch", required=True, help="architecture name (see `cnc inspect --list`)")
     p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--width", type=int, default=None,
-                   help="channel width (default: the architecture's standard width)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="channel width (default: the architecture's standard width)",
+    )
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--input-size", type=int, default=32, help="input height = width in pixels")
-    p.add_argument("--mean", type=_floats, default=(0.0,),
-                   help="input normalisation mean, one value or one per channel")
+    p.add_argument(
+        "--mean",
+        type=_floats,
+        default=(0.0,),
+        help="input normalisation mean, one value or one per channel",
+    )
     p.add_argument("--std", type=_floats, default=(1.0,), help="input normalisation std")
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, default=3.0,
-                   help="whole-model parameter ratio, original / compact (>= 1)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=3.0,
+        help="whole-model parameter ratio, original / compact (>= 1)",
+    )
     p.add_argument("--allocation", default=None, help="rank allocation strategy")
     p.add_argument("--scaling", default=None, help="singular-value scaling rule")
     p.add_argument("--t-scale", type=float, default=None, help="the scaling rule's T_scale")
@@ -54,8 +68,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="advanced knob (JSON value), e.g. --set epochs=5; repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="advanced knob (JSON value), e.g. --set epochs=5; repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -76,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--method", default="cnc", help="cnc | cnc-paper | clp | compress")
     p.add_argument("--eval-clean", type=Path, help=".npz (images, labels) to measure ACC")
-    p.add_argument("--eval-poisoned", type=Path,
-                   help=".npz (images, labels = attack target) to measure ASR")
+    p.add_argument(
+        "--eval-poisoned", type=Path, help=".npz (images, labels = attack target) to measure ASR"
+    )
     p = sub.add_parser("inspect", help="print layers, spectra and what would be compressed")
     p.add_argument("model", type=Path, nargs="?")
     p.add_argument("--list", action="store_true", help="list the known architectures")
@@ -114,8 +134,13 @@ class _Bar:
     def __init__(self, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=1000, disable=not enabled, unit="‰", dynamic_ncols=True,
-                         bar_format="{desc:<28} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        self._bar = tqdm(
+            total=1000,
+            disable=not enabled,
+            unit="‰",
+            dynamic_ncols=True,
+            bar_format="{desc:<28} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+        )
 
     def __call__(self, stage: str, fraction: float) -> None:
         self._bar.set_description_str(stage[:28])
@@ -156,8 +181,10 @@ def _run(args: argparse.Namespace) -> int:
     comp = report.get("compression", {})
     ratios = report["metrics"]["ratios"]
     print(f"wrote {len(result.artifacts)} artifacts to {result.out_dir}")
-    print(f"  parameters {comp.get('params_before', 0):,} -> {comp.get('params_after', 0):,} "
-          f"({ratios['param ratio']:.2f}x), MACs {ratios['MAC ratio']:.2f}x fewer")
+    print(
+        f"  parameters {comp.get('params_before', 0):,} -> {comp.get('params_after', 0):,} "
+        f"({ratios['param ratio']:.2f}x), MACs {ratios['MAC ratio']:.2f}x fewer"
+    )
     for key, value in ratios.items():
         if key.startswith("speed-up"):
             print(f"  {key}: {value:.2f}x")
@@ -175,8 +202,13 @@ def _evaluate(args: argparse.Namespace, config: Any, result: Any) -> dict[str, f
     from cnc_core.export import ModelSpec, load_compact
     from cnc_core.io import load_checkpoint
 
-    spec = ModelSpec(arch=config.arch, num_classes=config.num_classes, in_chans=config.in_chans,
-                     width=config.width, input_size=config.input_size)
+    spec = ModelSpec(
+        arch=config.arch,
+        num_classes=config.num_classes,
+        in_chans=config.in_chans,
+        width=config.width,
+        input_size=config.input_size,
+    )
     original = load_checkpoint(args.model, spec.build())
     compact = load_compact(result.out_dir)
     out: dict[str, float] = {}
@@ -187,9 +219,13 @@ def _evaluate(args: argparse.Namespace, config: Any, result: Any) -> dict[str, f
         images, labels = load_eval_npz(path)
         shape = tuple(images.shape[1:])
         if shape != spec.input_shape:
-            raise ValueError(f"{path}: images have shape {shape}, the model takes {spec.input_shape}")
+            raise ValueError(
+                f"{path}: images have shape {shape}, the model takes {spec.input_shape}"
+            )
         for name, model in (("original", original), ("purified", compact)):
-            out[f"{label} {name}"] = accuracy(model, images, labels, mean=config.mean, std=config.std)
+            out[f"{label} {name}"] = accuracy(
+                model, images, labels, mean=config.mean, std=config.std
+            )
     return out
 
 
@@ -206,22 +242,33 @@ def _inspect(args: argparse.Namespace) -> int:
     from cnc_core.models import create_model
 
     model = load_checkpoint(
-        args.model, create_model(args.arch, num_classes=args.num_classes, in_chans=args.in_chans,
-                                 width=args.width)
+        args.model,
+        create_model(
+            args.arch, num_classes=args.num_classes, in_chans=args.in_chans, width=args.width
+        ),
     )
     knobs = _knobs(args)
     result = compress(model, CompressConfig(ratio=args.ratio, **knobs))
     if args.json:
-        print(json.dumps({"summary": result.summary(),
-                          "layers": [d.surgery() for d in result.decisions]}, indent=2))
+        print(
+            json.dumps(
+                {"summary": result.summary(), "layers": [d.surgery() for d in result.decisions]},
+                indent=2,
+            )
+        )
         return 0
     print(f"{args.arch} (width {args.width}): {result.params_before:,} parameters")
-    print(f"at {args.ratio}x ({result.config.allocation}): {result.params_after:,} parameters, "
-          f"achieved {result.achieved_ratio:.3f}x\n")
+    print(
+        f"at {args.ratio}x ({result.config.allocation}): {result.params_after:,} parameters, "
+        f"achieved {result.achieved_ratio:.3f}x\n"
+    )
     print(f"{'layer':<32} {'kind':<8} {'weight':<18} {'ranks':<12} {'params':>18}  note")
     for d in result.decisions:
-        ranks = f"{d.ranks[0]}/{d.full_ranks[0]},{d.ranks[1]}/{d.full_ranks[1]}" \
-            if d.full_ranks[0] else "-"
+        ranks = (
+            f"{d.ranks[0]}/{d.full_ranks[0]},{d.ranks[1]}/{d.full_ranks[1]}"
+            if d.full_ranks[0]
+            else "-"
+        )
         shape = "x".join(map(str, d.weight_shape))
         params = f"{d.params_before:,}->{d.params_after:,}"
         print(f"{d.name:<32} {d.kind:<8} {shape:<18} {ranks:<12} {params:>18}  {d.reason}")

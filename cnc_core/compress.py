@@ -56,6 +56,10 @@ class CompressConfig:
     scale_stem: bool = True  # scale (never factorise) the image stem when scaling != none
     decompose_linear: bool = True  # truncated SVD of hidden Linear layers
     keep_dense_if_larger: bool = True  # False forces factorisation (exactness tests)
+    # Layers holding less than this fraction of the largest layer's weights stay dense: they
+    # save few parameters, and (few channels at high resolution) their factorised form is
+    # memory-bound and often slower than the dense conv. Chosen by bench/compress.py.
+    min_layer_share: float = 0.0
     exclude: tuple[str, ...] = ()  # module names to leave alone
 
     def validate(self) -> None:
@@ -71,6 +75,8 @@ class CompressConfig:
         SCALING_RULES.get(self.scaling)
         if self.t_scale <= 0:
             raise CompressionError(f"t_scale must be positive, got {self.t_scale}")
+        if not 0.0 <= self.min_layer_share < 1.0:
+            raise CompressionError(f"min_layer_share must be in [0, 1), got {self.min_layer_share}")
 
 
 @dataclass
@@ -138,8 +144,10 @@ class CompressResult:
             "achieved_ratio": self.achieved_ratio,
             "theta": self.theta,
             "config": asdict(self.config),
-            "layers": {k: sum(d.kind == k for d in self.decisions)
-                       for k in ("tucker2", "svd", "dense", "skipped")},
+            "layers": {
+                k: sum(d.kind == k for d in self.decisions)
+                for k in ("tucker2", "svd", "dense", "skipped")
+            },
         }
 
 
@@ -172,13 +180,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def find_candidates(model: nn.Module, config: CompressConfig) -> tuple[
-    list[tuple[str, nn.Module, str]], list[tuple[str, nn.Module, str]]
-]:
+def find_candidates(
+    model: nn.Module, config: CompressConfig
+) -> tuple[list[tuple[str, nn.Module, str]], list[tuple[str, nn.Module, str]]]:
     """Walk the model: ``(eligible, skipped)`` lists of ``(name, module, kind_or_reason)``."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     classifier = layers[-1][0] if layers else None
-    eligible, skipped = [], []
+    eligible: list[tuple[str, nn.Module, str]] = []
+    skipped: list[tuple[str, nn.Module, str]] = []
     for name, module in layers:
         if name in config.exclude:
             skipped.append((name, module, "excluded by config"))
@@ -233,9 +242,14 @@ def compress(
         target = int(math.floor(params_before / float(config.ratio or 1.0)))
     rule = ALLOCATORS.get(config.allocation)
 
+    largest = max((c.module.weight.numel() for c in candidates), default=0)
+    small = {
+        c.name for c in candidates if c.module.weight.numel() < config.min_layer_share * largest
+    }
+
     def choose(c: _Candidate, theta: float) -> tuple[str, tuple[int, int], int]:
         full = c.factors.ranks if isinstance(c.factors, Tucker2Factors) else (c.factors.rank,) * 2
-        if c.kind == "stem":
+        if c.kind == "stem" or c.name in small:
             return "dense", full, _layer_params(c.module)
         ranks = rule(c.spectrum, theta)
         if c.kind == "svd":
@@ -270,7 +284,7 @@ def compress(
     with plan.stage("build") as report:
         for i, c in enumerate(candidates):
             kind, ranks, params_after = choose(c, theta)
-            decisions.append(_apply(compact, c, kind, ranks, params_after, config))
+            decisions.append(_apply(compact, c, kind, ranks, params_after, config, small))
             report((i + 1) / max(len(candidates), 1))
     for name, module, reason in skipped:
         decisions.append(
@@ -301,7 +315,9 @@ def _layer_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def _decompose(name: str, module: nn.Conv2d | nn.Linear, kind: str, config: CompressConfig) -> _Candidate:
+def _decompose(
+    name: str, module: nn.Conv2d | nn.Linear, kind: str, config: CompressConfig
+) -> _Candidate:
     factors: Tucker2Factors | SVDFactors
     if kind == "svd":
         factors = matrix_svd(module.weight)
@@ -320,10 +336,14 @@ def _apply(
     ranks: tuple[int, int],
     params_after: int,
     config: CompressConfig,
+    small_names: set[str],
 ) -> LayerDecision:
     """Replace (or rescale in place) layer ``c.name`` inside ``model``."""
     scaled = config.scaling != "none"
     target = model.get_submodule(c.name)
+    if not isinstance(target, nn.Conv2d | nn.Linear):
+        raise TypeError(f"{c.name} is a {type(target).__name__}, expected Conv2d or Linear")
+    factors: Tucker2Factors | SVDFactors
     if isinstance(c.factors, Tucker2Factors):
         factors = c.factors.scale(c.f_out, c.f_in)
         full = c.factors.ranks
@@ -331,27 +351,31 @@ def _apply(
         factors = c.factors.scale(c.f_out)
         full = (c.factors.rank, c.factors.rank)
     new: nn.Module | None = None
-    if kind == "tucker2" and isinstance(factors, Tucker2Factors):
-        new = Tucker2Conv2d.from_conv(target, factors.truncate(*ranks))  # type: ignore[arg-type]
+    if kind == "tucker2" and isinstance(factors, Tucker2Factors) and isinstance(target, nn.Conv2d):
+        new = Tucker2Conv2d.from_conv(target, factors.truncate(*ranks))
     elif kind == "svd" and isinstance(factors, SVDFactors):
         low = factors.truncate(ranks[0])
         if isinstance(target, nn.Linear):
             new = LowRankLinear.from_linear(target, low)
         else:
-            new = LowRankConv1x1.from_conv(target, low)  # type: ignore[arg-type]
+            new = LowRankConv1x1.from_conv(target, low)
     elif scaled:
         # kept dense, but the spectrum is still scaled: write back the full-rank product
         with torch.no_grad():
-            w = factors.reconstruct().reshape(target.weight.shape)  # type: ignore[union-attr]
-            target.weight.copy_(w.to(target.weight.dtype))  # type: ignore[union-attr]
+            w = factors.reconstruct().reshape(target.weight.shape)
+            target.weight.copy_(w.to(target.weight.dtype))
     if new is not None:
         replace_module(model, c.name, new)
-    reason = {
-        "tucker2": "Tucker-2 factorised",
-        "svd": "truncated SVD",
-        "dense": "image stem: scaled only" if c.kind == "stem"
-        else "factorised form would not be smaller",
-    }[kind]
+    if kind == "tucker2":
+        reason = "Tucker-2 factorised"
+    elif kind == "svd":
+        reason = "truncated SVD"
+    elif c.kind == "stem":
+        reason = "image stem: scaled only"
+    elif ranks == full and params_after == _layer_params(c.module) and c.name in small_names:
+        reason = "small layer (min_layer_share): kept dense"
+    else:
+        reason = "factorised form would not be smaller"
     return LayerDecision(
         name=c.name,
         kind=kind,
@@ -378,11 +402,13 @@ def apply_surgery(model: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
     for entry in record:
         name, kind, ranks = entry["name"], entry["kind"], tuple(entry["ranks"])
         target = model.get_submodule(name)
+        if not isinstance(target, nn.Conv2d | nn.Linear):
+            raise ValueError(f"surgery record names {name}, which is not a Conv2d or Linear")
         shape = tuple(entry["weight_shape"])
-        if tuple(target.weight.shape) != shape:  # type: ignore[union-attr]
+        if tuple(target.weight.shape) != shape:
             raise ValueError(
                 f"surgery record does not fit the model: {name} has weight "
-                f"{tuple(target.weight.shape)}, the record says {shape}"  # type: ignore[union-attr]
+                f"{tuple(target.weight.shape)}, the record says {shape}"
             )
         new: nn.Module
         if kind == "tucker2" and isinstance(target, nn.Conv2d):

@@ -180,7 +180,9 @@ def run_job(
             purified = pipeline.purify(
                 original,
                 pipeline.PurifyConfig.from_knobs(
-                    method=config.method, compress=compress_config, seed=config.seed,
+                    method=config.method,
+                    compress=compress_config,
+                    seed=config.seed,
                     knobs=purify_knobs,
                 ),
                 mean=spec.mean,
@@ -278,8 +280,9 @@ def _measure(
         stats = model_stats(model, input_shape, latency_batches=(), device=device).to_dict()
         for dev in devices:
             for batch in batches:
-                result = measure_latency(model, input_shape, batch_size=batch, device=dev,
-                                         repeats=repeats)
+                result = measure_latency(
+                    model, input_shape, batch_size=batch, device=dev, repeats=repeats
+                )
                 stats["latency"].append(result.to_dict())
         out[key] = stats
         report((i + 1) / 2)

@@ -69,7 +69,12 @@ class LowRankConv1x1(nn.Module):
             raise ValueError("LowRankConv1x1 needs a 1x1 conv with groups=1")
         # padding sits on the first (bias-free) conv, so padded positions still get the bias
         self.first = nn.Conv2d(
-            conv.in_channels, rank, 1, stride=conv.stride, padding=conv.padding, bias=False  # type: ignore[arg-type]
+            conv.in_channels,
+            rank,
+            1,
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            bias=False,
         )
         self.last = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
         self.to(device=conv.weight.device, dtype=conv.weight.dtype)

@@ -52,7 +52,7 @@ def plot_spectra(decisions: Sequence[LayerDecision], path: Path, *, max_layers: 
         ax.set_ylabel("sigma / max", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, loc="upper right")
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     fig.suptitle("Normalised singular-value spectra and kept ranks", fontsize=11)
     fig.tight_layout()
@@ -62,9 +62,7 @@ def plot_spectra(decisions: Sequence[LayerDecision], path: Path, *, max_layers: 
     return path
 
 
-def plot_summary(
-    decisions: Sequence[LayerDecision], summary: dict[str, Any], path: Path
-) -> Path:
+def plot_summary(decisions: Sequence[LayerDecision], summary: dict[str, Any], path: Path) -> Path:
     """One page: parameters per layer before/after, kept-rank fractions, headline numbers.
 
     ``summary`` is a flat dict of headline items (label -> value) printed as text.
@@ -75,8 +73,9 @@ def plot_summary(
     ax_params = fig.add_subplot(grid[0, :])
     xs = range(len(layers))
     ax_params.bar(xs, [d.params_before for d in layers], color="#bbbbbb", label="original")
-    ax_params.bar(xs, [d.params_after for d in layers], color="tab:green", label="compact",
-                  width=0.55)
+    ax_params.bar(
+        xs, [d.params_after for d in layers], color="tab:green", label="compact", width=0.55
+    )
     ax_params.set_yscale("log")
     ax_params.set_xticks(list(xs))
     ax_params.set_xticklabels([d.name for d in layers], rotation=75, fontsize=6)
@@ -87,10 +86,18 @@ def plot_summary(
     ax_ranks = fig.add_subplot(grid[1, 0])
     decomposed = [d for d in layers if d.full_ranks[0] > 0]
     xr = range(len(decomposed))
-    ax_ranks.bar([x - 0.2 for x in xr], [d.ranks[0] / d.full_ranks[0] for d in decomposed],
-                 width=0.4, label="mode 1 kept")
-    ax_ranks.bar([x + 0.2 for x in xr], [d.ranks[1] / max(d.full_ranks[1], 1) for d in decomposed],
-                 width=0.4, label="mode 2 kept")
+    ax_ranks.bar(
+        [x - 0.2 for x in xr],
+        [d.ranks[0] / d.full_ranks[0] for d in decomposed],
+        width=0.4,
+        label="mode 1 kept",
+    )
+    ax_ranks.bar(
+        [x + 0.2 for x in xr],
+        [d.ranks[1] / max(d.full_ranks[1], 1) for d in decomposed],
+        width=0.4,
+        label="mode 2 kept",
+    )
     ax_ranks.set_ylim(0, 1.05)
     ax_ranks.set_xticks(list(xr))
     ax_ranks.set_xticklabels([d.name for d in decomposed], rotation=75, fontsize=6)

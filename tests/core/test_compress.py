@@ -49,10 +49,14 @@ def test_low_rank_1x1_and_linear_equal_originals_at_full_rank() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 8, 1, stride=2, padding=1)
     x = torch.randn(2, 6, 7, 7)
-    assert torch.allclose(LowRankConv1x1.from_conv(conv, matrix_svd(conv.weight))(x), conv(x), atol=1e-5)
+    assert torch.allclose(
+        LowRankConv1x1.from_conv(conv, matrix_svd(conv.weight))(x), conv(x), atol=1e-5
+    )
     lin = nn.Linear(12, 5)
     v = torch.randn(3, 12)
-    assert torch.allclose(LowRankLinear.from_linear(lin, matrix_svd(lin.weight))(v), lin(v), atol=1e-5)
+    assert torch.allclose(
+        LowRankLinear.from_linear(lin, matrix_svd(lin.weight))(v), lin(v), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -119,12 +123,15 @@ def test_stem_depthwise_and_classifier_are_never_factorised() -> None:
 
 def test_scaling_changes_weights_but_not_shapes_and_stem_is_only_scaled() -> None:
     model = _model("resnet18")
-    result = compress(model, CompressConfig(ratio=None, allocation="full", scaling="clip",
-                                            t_scale=0.5))
+    result = compress(
+        model, CompressConfig(ratio=None, allocation="full", scaling="clip", t_scale=0.5)
+    )
     stem = {d.name: d for d in result.decisions}["conv1"]
     assert stem.kind == "dense" and stem.scaled
     assert not torch.equal(result.model.conv1.weight, model.conv1.weight)
-    s = torch.linalg.svdvals(result.model.conv1.weight.detach().reshape(model.conv1.out_channels, -1))
+    s = torch.linalg.svdvals(
+        result.model.conv1.weight.detach().reshape(model.conv1.out_channels, -1)
+    )
     assert float(s.max() / s.max()) == 1  # finite
     assert result.params_after == result.params_before
 
@@ -171,7 +178,21 @@ def test_replace_module_in_sequential_and_attribute() -> None:
 
 def test_progress_reports_monotone_fractions() -> None:
     seen: list[tuple[str, float]] = []
-    compress(_model("simple_cnn"), CompressConfig(ratio=1.2), progress=lambda s, f: seen.append((s, f)))
+    compress(
+        _model("simple_cnn"), CompressConfig(ratio=1.2), progress=lambda s, f: seen.append((s, f))
+    )
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert {s for s, _ in seen} >= {"decompose", "allocate", "build"}
+
+
+def test_min_layer_share_keeps_small_layers_dense_and_still_meets_the_budget() -> None:
+    model = _model("resnet18", width=8)
+    result = compress(model, CompressConfig(ratio=3, min_layer_share=0.05))
+    by_name = {d.name: d for d in result.decisions}
+    assert by_name["layer1.0.conv1"].kind == "dense"
+    assert "min_layer_share" in by_name["layer1.0.conv1"].reason
+    assert by_name["layer4.0.conv2"].kind == "tucker2"
+    assert result.achieved_ratio >= 3
+    with pytest.raises(CompressionError, match="min_layer_share"):
+        CompressConfig(min_layer_share=1.5).validate()

@@ -76,5 +76,7 @@ def test_matrix_svd_of_linear_and_1x1_conv() -> None:
     svd = matrix_svd(w)
     assert torch.allclose(svd.reconstruct(), w.double(), atol=1e-10)
     w4 = _weight((10, 7, 1, 1))
-    assert torch.allclose(matrix_svd(w4).reconstruct().reshape(10, 7, 1, 1), w4.double(), atol=1e-10)
+    assert torch.allclose(
+        matrix_svd(w4).reconstruct().reshape(10, 7, 1, 1), w4.double(), atol=1e-10
+    )
     assert matrix_svd(w).truncate(3).rank == 3

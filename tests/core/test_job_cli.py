@@ -29,18 +29,34 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 def _config(**kw: object) -> JobConfig:
-    base: dict[str, object] = dict(arch="resnet18", num_classes=10, width=4, method="compress",
-                                   ratio=2.0, mean=(0.5,), std=(0.25,), advanced=dict(FAST))
+    base: dict[str, object] = dict(
+        arch="resnet18",
+        num_classes=10,
+        width=4,
+        method="compress",
+        ratio=2.0,
+        mean=(0.5,),
+        std=(0.25,),
+        advanced=dict(FAST),
+    )
     base.update(kw)
     return JobConfig(**base)  # type: ignore[arg-type]
 
 
 def test_run_job_writes_loadable_artifacts_and_a_report(checkpoint: Path, tmp_path: Path) -> None:
     seen: list[tuple[str, float]] = []
-    result = run_job(checkpoint, tmp_path / "out", _config(), progress=lambda s, f: seen.append((s, f)))
+    result = run_job(
+        checkpoint, tmp_path / "out", _config(), progress=lambda s, f: seen.append((s, f))
+    )
     names = set(result.artifacts)
-    assert {"model.safetensors", "manifest.json", "model.onnx", "report.json",
-            "plots/spectra.png", "plots/summary.png"} <= names
+    assert {
+        "model.safetensors",
+        "manifest.json",
+        "model.onnx",
+        "report.json",
+        "plots/spectra.png",
+        "plots/summary.png",
+    } <= names
     for path in result.artifacts.values():
         assert path.is_file() and path.stat().st_size > 0
     assert result.artifacts["plots/summary.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -73,7 +89,9 @@ def test_tampered_weights_are_refused(checkpoint: Path, tmp_path: Path) -> None:
         load_compact(tmp_path / "out")
 
 
-def test_cancellation_from_the_progress_callback_stops_the_job(checkpoint: Path, tmp_path: Path) -> None:
+def test_cancellation_from_the_progress_callback_stops_the_job(
+    checkpoint: Path, tmp_path: Path
+) -> None:
     calls = []
 
     def cancel(stage: str, fraction: float) -> None:
@@ -97,34 +115,93 @@ def test_cancellation_from_the_progress_callback_stops_the_job(checkpoint: Path,
         ({"advanced": {"bogus": 1}}, "unknown advanced"),
     ],
 )
-def test_bad_jobs_fail_with_a_named_reason(checkpoint: Path, tmp_path: Path,
-                                           change: dict[str, object], message: str) -> None:
+def test_bad_jobs_fail_with_a_named_reason(
+    checkpoint: Path, tmp_path: Path, change: dict[str, object], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         run_job(checkpoint, tmp_path / "out", _config(**change))
 
 
-def test_cli_compress_and_inspect(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_compress_and_inspect(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli"
-    code = main(["compress", str(checkpoint), "--arch", "resnet18", "--width", "4",
-                 "--num-classes", "10", "--ratio", "3", "--out", str(out), "--quiet",
-                 "--set", "latency_repeats=2", "--set", "latency_batches=[1]"])
+    code = main(
+        [
+            "compress",
+            str(checkpoint),
+            "--arch",
+            "resnet18",
+            "--width",
+            "4",
+            "--num-classes",
+            "10",
+            "--ratio",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "latency_repeats=2",
+            "--set",
+            "latency_batches=[1]",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "parameters" in printed and (out / "model.onnx").is_file()
-    assert main(["inspect", str(checkpoint), "--arch", "resnet18", "--width", "4",
-                 "--num-classes", "10", "--ratio", "3"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(checkpoint),
+                "--arch",
+                "resnet18",
+                "--width",
+                "4",
+                "--num-classes",
+                "10",
+                "--ratio",
+                "3",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "layer4.1.conv2" in table and "tucker2" in table
 
 
-def test_cli_bad_inputs_exit_3_with_a_reason(tmp_path: Path, checkpoint: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_inputs_exit_3_with_a_reason(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_text("hello, not a model")
-    code = main(["compress", str(junk), "--arch", "resnet18", "--num-classes", "10",
-                 "--out", str(tmp_path / "o"), "--quiet"])
+    code = main(
+        [
+            "compress",
+            str(junk),
+            "--arch",
+            "resnet18",
+            "--num-classes",
+            "10",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == EXIT_BAD_INPUT
     assert "not a checkpoint" in capsys.readouterr().err
-    code = main(["compress", str(checkpoint), "--arch", "nonet", "--num-classes", "10",
-                 "--out", str(tmp_path / "o"), "--quiet"])
+    code = main(
+        [
+            "compress",
+            str(checkpoint),
+            "--arch",
+            "nonet",
+            "--num-classes",
+            "10",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == EXIT_BAD_INPUT and "nonet" in capsys.readouterr().err
