@@ -1,0 +1,186 @@
+"""Request and response bodies of the v1 API (pydantic; no FastAPI, no torch)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.methods import METHODS
+
+
+class JobOptions(BaseModel):
+    """What to run on a checkpoint. Mirrors ``cnc_core.job.JobConfig`` field for field."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    arch: str = Field(min_length=1, max_length=64, description="Architecture registry name")
+    num_classes: int = Field(ge=2, le=100_000)
+    in_chans: int = Field(3, ge=1, le=64)
+    input_size: int = Field(32, ge=8, le=1024, description="Square input side, pixels")
+    width: int = Field(64, ge=1, le=4096, description="Stem channel width (64: standard)")
+    mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=64)
+    std: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=64)
+    method: str = Field("cnc", description=f"One of {', '.join(METHODS)}")
+    ratio: float = Field(3.0, ge=1.0, le=64.0, description="Parameters, original / compact")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    export_onnx: bool = True
+    advanced: dict[str, Any] = Field(default_factory=dict, description="Expert knobs by name")
+    callback_url: str | None = Field(
+        None, max_length=2048, description="POSTed (HMAC-signed) when the job ends"
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every std value must be positive")
+        return value
+
+    @field_validator("advanced")
+    @classmethod
+    def _advanced_small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > 64 or len(json.dumps(value)) > 16_384:
+            raise ValueError("too many advanced settings (64 keys, 16 KiB at most)")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("callback_url must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> JobOptions:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, self.in_chans):
+                raise ValueError(
+                    f"{name} needs 1 or in_chans={self.in_chans} values, got {len(values)}"
+                )
+        return self
+
+
+class JobSpec(JobOptions):
+    """A job on an uploaded model (``POST /v1/models`` returned ``model_id``)."""
+
+    model_id: uuid.UUID
+
+
+def request_hash(spec: JobSpec) -> str:
+    """Digest of the normalised request, to tell an idempotent retry from a new body."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Links(BaseModel):
+    self: str
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelOut(BaseModel):
+    id: uuid.UUID
+    filename: str
+    size: int
+    sha256: str
+    format: str
+    status: str
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+    created_at: datetime
+    validated_at: datetime | None = None
+    links: dict[str, str]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    content_type: str
+    url: str
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class CallbackOut(BaseModel):
+    url: str
+    status: str
+    attempts: int
+    error: str | None = None
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    status: str
+    stage: str
+    percent: float
+    eta_s: float | None = None
+    attempt: int
+    max_attempts: int
+    device: str | None = None
+    model_id: uuid.UUID
+    batch_id: uuid.UUID | None = None
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    timings: dict[str, Any]
+    suspected_target: int | None = None
+    metrics: dict[str, Any] | None = None
+    error: ErrorOut | None = None
+    cancel_requested: bool
+    callback: CallbackOut | None = None
+    artifacts: list[ArtifactOut] = Field(default_factory=list)
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = None
+
+
+class BatchRequest(BaseModel):
+    """Many jobs in one request: a manifest of job specs on uploaded models."""
+
+    model_config = ConfigDict(extra="forbid")
+    jobs: list[JobSpec] = Field(min_length=1)
+
+
+class BatchJobOut(BaseModel):
+    id: uuid.UUID
+    model_id: uuid.UUID
+    status: str
+    percent: float
+    links: dict[str, str]
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID
+    status: str
+    created_at: datetime
+    total: int
+    counts: dict[str, int]
+    jobs: list[BatchJobOut]
+    links: dict[str, str]
+
+
+class TenantOut(BaseModel):
+    tenant: str
+    callback_secret: str

@@ -1,0 +1,1 @@
+"""Celery workers: run ``cnc_core`` jobs, validate uploads, deliver callbacks."""
