@@ -262,7 +262,10 @@ def _inspect(args: argparse.Namespace) -> int:
         f"at {args.ratio}x ({result.config.allocation}): {result.params_after:,} parameters, "
         f"achieved {result.achieved_ratio:.3f}x\n"
     )
-    print(f"{'layer':<32} {'kind':<8} {'weight':<18} {'ranks':<12} {'params':>18}  note")
+    print(
+        f"{'layer':<28} {'kind':<8} {'weight':<16} {'ranks kept':<14} {'r90':<9} "
+        f"{'cut':<6} {'params':>18}  note"
+    )
     for d in result.decisions:
         ranks = (
             f"{d.ranks[0]}/{d.full_ranks[0]},{d.ranks[1]}/{d.full_ranks[1]}"
@@ -271,8 +274,29 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         shape = "x".join(map(str, d.weight_shape))
         params = f"{d.params_before:,}->{d.params_after:,}"
-        print(f"{d.name:<32} {d.kind:<8} {shape:<18} {ranks:<12} {params:>18}  {d.reason}")
+        r90, cut = _spectrum_summary(d.s_out, d.ranks[0])
+        print(
+            f"{d.name:<28} {d.kind:<8} {shape:<16} {ranks:<14} {r90:<9} {cut:<6} "
+            f"{params:>18}  {d.reason}"
+        )
+    print(
+        "\nr90: mode-1 components holding 90% of the spectral energy / all; "
+        "cut: normalised singular value of the last mode-1 component kept."
+    )
     return 0
+
+
+def _spectrum_summary(s_norm: list[float], kept: int) -> tuple[str, str]:
+    if not s_norm:
+        return "-", "-"
+    energy = [v * v for v in s_norm]
+    total, running, r90 = sum(energy), 0.0, len(energy)
+    for i, e in enumerate(energy):
+        running += e
+        if running >= 0.9 * total:
+            r90 = i + 1
+            break
+    return f"{r90}/{len(s_norm)}", f"{s_norm[max(kept, 1) - 1]:.2f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

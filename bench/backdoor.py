@@ -1,0 +1,326 @@
+"""The backdoor benchmark: defenses on backdoored ResNet-18s trained on real Fashion-MNIST.
+
+    .venv/bin/python bench/zoo.py --width 16 ...        # once: train / cache the models
+    .venv/bin/python bench/backdoor.py --width 16       # evaluate the defenses
+
+For each zoo model (BadNet, Blended, WaNet, InputAware stand-in; all-to-one target 0 and
+all-to-all; poison rate 0.1; see ``bench/zoo.py``) this measures ACC and ASR on the 10,000
+Fashion-MNIST test images (NOT CIFAR-10) for: no defense, CLP (u=3) + the same compression,
+compression only, and C&C (method ``cnc``) at each ratio, plus ablations at 3x (no scaling,
+no proxies, no fine-tuning). No real image is used by any defense: purification sees only
+the model. Writes ``bench/results/backdoor-w{W}{tag}.md`` (the paper's layout) and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import interleaved_latency, machine  # noqa: E402
+from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
+from cnc_core.compress import CompressConfig  # noqa: E402
+from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
+from cnc_core.metrics import count_macs, count_params  # noqa: E402
+from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+from cnc_core.purify.synthesis import synthesize  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ATTACKS = [
+    (a, m) for m in ("all2one", "all2all") for a in ("badnet", "blended", "wanet", "inputaware")
+]
+SHAPE = (3, 32, 32)
+MEAN, STD = tuple(FASHION_MNIST_MEAN), tuple(FASHION_MNIST_STD)
+
+# Ablations of the default pipeline, run at 3x: knob overrides on the `cnc` preset.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no scaling": {"scaling": "none"},
+    "no proxies": {"proxy_weight": 0.0, "sensitivity": False},
+    "no fine-tuning": {"epochs": 0},
+}
+
+
+def _config(method: str, ratio: float, seed: int, knobs: dict[str, Any]) -> PurifyConfig:
+    compress_fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    cc_kwargs = {k: v for k, v in knobs.items() if k in compress_fields}
+    rest = {k: v for k, v in knobs.items() if k not in compress_fields}
+    base = PurifyConfig.for_method(method, seed=seed).compress
+    cc = dataclasses.replace(base, ratio=ratio, **cc_kwargs)
+    return PurifyConfig.from_knobs(method=method, compress=cc, seed=seed, knobs=rest)
+
+
+def _score(model: torch.nn.Module, sets: dict[str, Any], device: torch.device) -> dict[str, float]:
+    x, y = sets["clean"]
+    out = {"acc": accuracy(model, x, y, mean=MEAN, std=STD, device=device)}
+    if sets["poisoned"] is not None:
+        xp, yp = sets["poisoned"]
+        out["asr"] = attack_success_rate(model, xp, yp, mean=MEAN, std=STD, device=device)
+    return out
+
+
+def evaluate_model(
+    attack: str, mode: str, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """Every defense on one zoo model."""
+    model, meta = load_zoo_model(attack, mode, args.width, device)
+    sets = eval_sets(attack, mode)
+    name = f"{attack}-{mode}"
+    rows: dict[str, Any] = {
+        "none": {**_score(model, sets, device), "params": count_params(model), "seconds": 0.0}
+    }
+    print(f"[{name}] no defense {rows['none']}", flush=True)
+
+    def run(
+        label: str,
+        method: str,
+        ratio: float,
+        knobs: dict[str, Any] | None = None,
+        synthetic: torch.Tensor | None = None,
+        proxies: Any = None,
+    ) -> Any:
+        cfg = _config(method, ratio, args.seed, {**args.knobs, **(knobs or {})})
+        t0 = time.perf_counter()
+        result = purify(
+            model,
+            cfg,
+            mean=MEAN,
+            std=STD,
+            input_shape=SHAPE,
+            device=device,
+            synthetic=synthetic,
+            proxies=proxies,
+        )
+        seconds = time.perf_counter() - t0
+        row = {
+            **_score(result.model, sets, device),
+            "params": count_params(result.model),
+            "seconds": seconds,
+            "suspected_target": result.suspected_target,
+            "timings": result.timings,
+        }
+        rows[label] = row
+        print(
+            f"[{name}] {label}: {json.dumps({k: v for k, v in row.items() if k != 'timings'})}",
+            flush=True,
+        )
+        return result
+
+    if "clp" in args.methods:
+        run(f"clp {args.ratios[0]:g}x", "clp", args.ratios[0])
+    if "compress" in args.methods:
+        for ratio in args.ratios:
+            run(f"compress {ratio:g}x", "compress", ratio)
+    for method in ("cnc", "cnc-paper"):
+        if method not in args.methods:
+            continue
+        # Synthetic images are made once per model and shared across ratios (they depend
+        # only on the original model); the standalone wall time adds their cost back.
+        cfg = _config(method, args.ratios[0], args.seed, args.knobs)
+        t0 = time.perf_counter()
+        synthetic = synthesize(
+            model,
+            dataclasses.replace(cfg.synthesis, image_shape=SHAPE),
+            mean=MEAN,
+            std=STD,
+            device=device,
+        )
+        synth_s = time.perf_counter() - t0
+        proxies = None
+        for ratio in args.ratios:
+            result = run(
+                f"{method} {ratio:g}x", method, ratio, synthetic=synthetic, proxies=proxies
+            )
+            rows[f"{method} {ratio:g}x"]["seconds"] += synth_s
+            proxies = result.proxies
+        if method == "cnc" and args.ablations:
+            for label, knobs in ABLATIONS.items():
+                run(f"cnc 3x {label}", "cnc", 3.0, knobs, synthetic=synthetic, proxies=proxies)
+    return {
+        "attack": attack,
+        "mode": mode,
+        "train": meta.get("train"),
+        "zoo_acc": meta.get("acc"),
+        "zoo_asr": meta.get("asr"),
+        "rows": rows,
+    }
+
+
+def latency_table(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Params, MACs and batch-1/64 latency of the original and compact architectures,
+    timed side by side (the weights do not matter for speed)."""
+    model, _ = load_zoo_model("clean", "all2one", args.width, device)
+    from cnc_core.compress import compress
+
+    models = {"original": model}
+    for ratio in args.ratios:
+        cc = _config("cnc", ratio, args.seed, args.knobs).compress
+        models[f"{ratio:g}x"] = compress(model, cc).model.eval()
+    out = []
+    lat = {
+        b: interleaved_latency(
+            list(models.values()), SHAPE, batch_size=b, device=device, repeats=args.latency_repeats
+        )
+        for b in (1, 64)
+    }
+    for i, (label, m) in enumerate(models.items()):
+        out.append(
+            {
+                "model": label,
+                "params": count_params(m),
+                "macs": count_macs(m, SHAPE),
+                "latency_b1_ms": lat[1][i],
+                "latency_b64_ms": lat[64][i],
+            }
+        )
+    return out
+
+
+def floor_asr(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """The clean model's rate of predicting the attack label on triggered inputs."""
+    model, _ = load_zoo_model("clean", "all2one", args.width, device)
+    out = {}
+    for attack, mode in ATTACKS:
+        xp, yp = eval_sets(attack, mode)["poisoned"]  # type: ignore[misc]
+        out[f"{attack}-{mode}"] = attack_success_rate(
+            model, xp, yp, mean=MEAN, std=STD, device=device
+        )
+    return out
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    results = data["results"]
+    columns = [c for c in results[0]["rows"]] if results else []
+    lines = [
+        f"# Backdoor benchmark: ResNet-18 width {data['width']} on Fashion-MNIST (not CIFAR-10)",
+        "",
+        f"Machine: {m.get('cuda_device') or m['processor']} ({m['cpu_count']} CPUs), torch "
+        f"{m['torch']}, device {data['device']}. Command: `{data['command']}`.",
+        "ACC / ASR in % on the 10,000 test images (ASR: all-to-one on non-target images; "
+        "all-to-all as (y+1) mod 10). No real image is used by any defense.",
+        "",
+        "| attack | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for r in results:
+        cells = []
+        for c in columns:
+            row = r["rows"].get(c)
+            cells.append("-" if row is None else f"{row['acc']:.2f} / {row.get('asr', 0):.2f}")
+        lines.append(f"| {r['attack']} {r['mode']} | " + " | ".join(cells) + " |")
+    # summary rows: mean ACC drop and mean / max ASR per column
+    drops, asrs = [], []
+    for c in columns:
+        d = [r["rows"]["none"]["acc"] - r["rows"][c]["acc"] for r in results if c in r["rows"]]
+        a = [r["rows"][c].get("asr", 0.0) for r in results if c in r["rows"]]
+        drops.append(f"{statistics.mean(d):.2f}" if d else "-")
+        asrs.append(f"{statistics.mean(a):.2f} / {max(a):.2f}" if a else "-")
+    lines.append("| **mean ACC drop** | " + " | ".join(drops) + " |")
+    lines.append("| **mean / max ASR** | " + " | ".join(asrs) + " |")
+    lines += [
+        "",
+        "Params and purification wall time (s, standalone: synthesis included):",
+        "",
+        "| attack | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for r in results:
+        cells = [
+            f"{r['rows'][c]['params']:,} / {r['rows'][c]['seconds']:.0f}s"
+            if c in r["rows"]
+            else "-"
+            for c in columns
+        ]
+        lines.append(f"| {r['attack']} {r['mode']} | " + " | ".join(cells) + " |")
+    if data.get("floor"):
+        lines += [
+            "",
+            "ASR floor (clean model on triggered inputs): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in data["floor"].items()),
+        ]
+    if data.get("latency"):
+        lines += [
+            "",
+            "| model | params | MACs | latency b1 (ms) | latency b64 (ms) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in data["latency"]:
+            lines.append(
+                f"| {row['model']} | {row['params']:,} | {row['macs'] / 1e6:.1f}M | "
+                f"{row['latency_b1_ms']:.2f} | {row['latency_b64_ms']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument(
+        "--attacks", nargs="+", default=["all"], help="e.g. badnet-all2one wanet-all2all, or all"
+    )
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["clp", "compress", "cnc"],
+        help="any of clp compress cnc cnc-paper",
+    )
+    parser.add_argument("--ablations", action="store_true", help="cnc 3x ablation rows")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="knob override for every purification (JSON value)",
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    args.knobs = {}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        try:
+            args.knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args.knobs[key] = raw
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    chosen = ATTACKS if args.attacks == ["all"] else [tuple(a.split("-", 1)) for a in args.attacks]
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "device": str(device),
+        "width": args.width,
+        "command": "python bench/backdoor.py " + " ".join(sys.argv[1:]),
+        "knobs": args.knobs,
+        "results": [],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"backdoor-w{args.width}{args.tag}"
+    data["floor"] = floor_asr(args, device)
+    for attack, mode in chosen:
+        data["results"].append(evaluate_model(attack, mode, args, device))
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=2))  # partial results
+        stem.with_suffix(".md").write_text(to_markdown(data))
+    data["latency"] = latency_table(args, device)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text(to_markdown(data))
+    print(to_markdown(data))
+
+
+if __name__ == "__main__":
+    main()
