@@ -1,0 +1,323 @@
+"""Fine-tuning a compact student on synthetic and proxy images, and BN recalibration.
+
+The loss (C&C, Phan et al., ECCV 2024, step 8 of ``method.md``):
+
+* knowledge distillation (Hinton et al., 2015) of the teacher's (original model's) outputs
+  on clean synthetic images, at a temperature, which keeps accuracy; and
+* unlearning on proxy images (synthetic images carrying an adversarial or inverted trigger),
+  labelled with the teacher's prediction on the CLEAN source image (hard labels: CE; soft
+  labels: the teacher's clean logits, distilled), which removes the backdoor.
+
+Early stopping needs no real data: a held-out slice of the synthetic and proxy images gives
+``agreement`` (student agrees with the teacher on clean synthetic) and ``proxy_fix`` (student
+gives the proxy its clean label); the best epoch by their sum is restored.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnc_core.progress import ProgressFn
+
+__all__ = [
+    "BN_MODES",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "agreement",
+    "finetune",
+    "recalibrate_bn",
+]
+
+#: BN handling while fine-tuning: "eval" freezes running statistics (affine still trains);
+#: "train" uses batch statistics and updates the running ones.
+BN_MODES = ("eval", "train")
+
+RefreshFn = Callable[[nn.Module, int], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum 0.9)
+    weight_decay: float = 0.0
+    batch_size: int = 128  # per loss term: clean and proxy batches have this size each
+    temperature: float = 4.0  # KD temperature
+    kd_weight: float = 1.0
+    proxy_weight: float = 1.0
+    bn_mode: str = "eval"
+    recalibrate: bool = True  # recalibrate BN statistics on the synthetic images first
+    early_stopping: bool = True
+    patience: int = 3  # epochs without improvement before stopping
+    holdout: float = 0.1  # share of images kept out of training for the criterion
+    refresh_every: int = 0  # call ``refresh`` every k epochs (0: never)
+    seed: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    """Per-epoch history (dicts of floats) and the epoch restored."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = float("-inf")
+    stopped_early: bool = False
+
+
+def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    batch_size: int = 128,
+    progress: ProgressFn | None = None,
+    stage: str = "recalibrate",
+) -> None:
+    """Re-estimate every BN layer's running statistics on ``images`` (in place).
+
+    After rank truncation and scaling the stored statistics are stale (``method.md``,
+    pitfalls); a cumulative average over the synthetic images replaces them. Parameters are
+    untouched; the model's train/eval mode is restored.
+    """
+    layers = _bn_layers(model)
+    if not layers:
+        return
+    was = model.training
+    saved = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch counts equally
+    model.train()
+    try:
+        n = images.shape[0]
+        for i, start in enumerate(range(0, n, batch_size)):
+            model(images[start : start + batch_size])
+            if progress is not None:
+                progress(stage, (i + 1) * batch_size / max(n, 1))
+    finally:
+        for bn, mom in zip(layers, saved, strict=True):
+            bn.momentum = mom
+        model.train(was)
+
+
+@torch.no_grad()
+def agreement(a: nn.Module, b: nn.Module, images: Tensor, batch_size: int = 256) -> float:
+    """Share of ``images`` on which ``a`` and ``b`` (both in eval mode) predict the same."""
+    wa, wb = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        same = 0
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size]
+            same += int((a(x).argmax(1) == b(x).argmax(1)).sum())
+    finally:
+        a.train(wa)
+        b.train(wb)
+    return same / max(images.shape[0], 1)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat(
+            [model(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+        )
+    finally:
+        model.train(was)
+
+
+def _kd(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
+    """Hinton's KD loss, scaled by T^2 so its gradient size does not depend on T."""
+    return F.kl_div(
+        F.log_softmax(student_logits / t, 1),
+        F.log_softmax(teacher_logits / t, 1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def _proxy_loss(logits: Tensor, labels: Tensor, t: float) -> Tensor:
+    if labels.dtype == torch.long:
+        return F.cross_entropy(logits, labels)
+    return _kd(logits, labels, t)
+
+
+def _set_bn_mode(model: nn.Module, mode: str) -> None:
+    model.train()
+    if mode == "eval":
+        for bn in _bn_layers(model):
+            bn.eval()
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    clean: Tensor,
+    proxy_images: Tensor | None,
+    proxy_labels: Tensor | None,
+    config: FinetuneConfig,
+    *,
+    progress: ProgressFn | None = None,
+    stage: str = "finetune",
+    refresh: RefreshFn | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``student`` (in place) towards ``teacher`` on synthetic data, unlearning proxies.
+
+    Parameters
+    ----------
+    student : nn.Module
+        The compact model; changed in place and left in eval mode with the best epoch's
+        weights (by the data-free criterion) when ``early_stopping``.
+    teacher : nn.Module
+        The original model; not changed (eval mode throughout).
+    clean : Tensor
+        Synthetic images, normalised space.
+    proxy_images, proxy_labels : Tensor or None
+        Proxy images and their labels: long class indices (the teacher's prediction on the
+        clean source) or float ``(N, C)`` teacher logits on the clean source (distilled).
+        ``None`` trains on KD alone.
+    refresh : callable, optional
+        ``refresh(student, epoch) -> (proxy_images, proxy_labels)`` builds new proxies against
+        the current student; called every ``config.refresh_every`` epochs.
+
+    Returns
+    -------
+    FinetuneResult
+    """
+    if config.bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, not {config.bn_mode!r}")
+    device = clean.device
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    teacher.eval()
+
+    def split(n: int) -> tuple[Tensor, Tensor]:
+        perm = torch.randperm(n, generator=gen).to(device)
+        k = int(round(n * config.holdout)) if config.early_stopping else 0
+        k = min(k, n - 1) if n > 1 else 0
+        return perm[k:], perm[:k]
+
+    tr_c, ho_c = split(clean.shape[0])
+    clean_tr, clean_ho = clean[tr_c], clean[ho_c]
+    t_logits = _logits(teacher, clean_tr)
+    has_proxy = proxy_images is not None and proxy_labels is not None
+    p_img = p_lab = p_ho = p_ho_lab = None
+    if has_proxy:
+        assert proxy_images is not None and proxy_labels is not None
+        tr_p, ho_p = split(proxy_images.shape[0])
+        p_img, p_lab = proxy_images[tr_p], proxy_labels[tr_p]
+        p_ho, p_ho_lab = proxy_images[ho_p], proxy_labels[ho_p]
+        if p_ho_lab.dtype != torch.long:
+            p_ho_lab = p_ho_lab.argmax(1)
+
+    if config.recalibrate:
+        recalibrate_bn(student, clean, batch_size=config.batch_size)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            params, lr=config.lr, weight_decay=config.weight_decay
+        )
+    elif config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs, 1))
+
+    steps_per_epoch = max(-(-clean_tr.shape[0] // config.batch_size), 1)
+    total = max(config.epochs * steps_per_epoch, 1)
+    result = FinetuneResult()
+
+    def evaluate() -> dict[str, float]:
+        m: dict[str, float] = {}
+        if clean_ho.shape[0]:
+            m["agreement"] = agreement(student, teacher, clean_ho)
+        if p_ho is not None and p_ho.shape[0]:
+            assert p_ho_lab is not None
+            with torch.no_grad():
+                student.eval()
+                m["proxy_fix"] = float(
+                    (_logits(student, p_ho).argmax(1) == p_ho_lab).float().mean()
+                )
+        m["score"] = m.get("agreement", 0.0) + m.get("proxy_fix", 0.0)
+        return m
+
+    best_state = None
+    if config.early_stopping:
+        base = evaluate()
+        result.history.append({"epoch": 0.0, **base})
+        result.best_epoch, result.best_score = 0, base["score"]
+        best_state = copy.deepcopy(student.state_dict())
+    bad = 0
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        if (
+            has_proxy
+            and refresh is not None
+            and config.refresh_every > 0
+            and epoch > 1
+            and ((epoch - 1) % config.refresh_every == 0)
+        ):
+            new_img, new_lab = refresh(student, epoch)
+            p_img, p_lab = new_img.to(device), new_lab.to(device)
+        _set_bn_mode(student, config.bn_mode)
+        order = torch.randperm(clean_tr.shape[0], generator=gen).to(device)
+        p_order = (
+            torch.randperm(p_img.shape[0], generator=gen).to(device) if p_img is not None else None
+        )
+        sums = {"kd": 0.0, "proxy": 0.0}
+        for i in range(steps_per_epoch):
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            loss = config.kd_weight * _kd(student(clean_tr[idx]), t_logits[idx], config.temperature)
+            sums["kd"] += float(loss.detach())
+            if p_img is not None and p_lab is not None and p_order is not None:
+                np_ = p_img.shape[0]
+                j0 = (i * config.batch_size) % np_
+                pidx = p_order[j0 : j0 + config.batch_size]
+                pl = config.proxy_weight * _proxy_loss(
+                    student(p_img[pidx]), p_lab[pidx], config.temperature
+                )
+                sums["proxy"] += float(pl.detach())
+                loss = loss + pl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if progress is not None:
+                progress(stage, step / total)
+        sched.step()
+        record = {
+            "epoch": float(epoch),
+            "kd": sums["kd"] / steps_per_epoch,
+            "proxy": sums["proxy"] / steps_per_epoch,
+        }
+        if config.early_stopping:
+            record.update(evaluate())
+            if record["score"] > result.best_score + 1e-9:
+                result.best_score, result.best_epoch = record["score"], epoch
+                best_state = copy.deepcopy(student.state_dict())
+                bad = 0
+            else:
+                bad += 1
+        result.history.append(record)
+        if config.early_stopping and bad >= config.patience:
+            result.stopped_early = True
+            break
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    return result

@@ -1,0 +1,448 @@
+"""The purification pipeline: data-free backdoor removal with compression.
+
+``purify(model, PurifyConfig, ...) -> PurifyResult`` runs one of :data:`METHODS`:
+
+``"cnc"``
+    The pipeline our measurements chose (``bench/results/explore-*.md``): ZeroQ synthetic
+    images from the original model; Neural-Cleanse trigger inversion on them (the data-free
+    detection of the target class); Tucker-2 compression; suppression of the rank components
+    that respond to the inverted trigger (rank-level sensitivity); BN recalibration on the
+    synthetic images; fine-tuning by distillation on clean synthetic images plus unlearning on
+    inverted-trigger images labelled with the original's clean prediction, with the trigger
+    re-inverted on the student every few epochs.
+``"cnc-paper"``
+    The straightforward reading of Phan et al. (ECCV 2024): ZeroQ data, per-sample PGD
+    proxies, compression with spectrum scaling, KD + adversarial CE with BN in train mode.
+``"clp"``
+    The CLP baseline (Zheng et al., ECCV 2022), optionally followed by the same compression.
+``"compress"``
+    Compression only.
+
+Every stage reports progress through one :class:`~cnc_core.progress.StagePlan` and honours
+cancellation. The input model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnc_core.compress import CompressConfig, CompressResult, compress
+from cnc_core.progress import ProgressFn, StagePlan
+from cnc_core.purify.clp import CLPConfig, CLPResult, clp
+from cnc_core.purify.finetune import FinetuneConfig, FinetuneResult, finetune, recalibrate_bn
+from cnc_core.purify.proxies import (
+    PGDConfig,
+    ProxyConfig,
+    ProxySet,
+    TriggerInversionConfig,
+    adversarial_histogram,
+    make_proxies,
+    predict,
+)
+from cnc_core.purify.sensitivity import (
+    SensitivityConfig,
+    SensitivityResult,
+    suppress_sensitive_ranks,
+)
+from cnc_core.purify.synthesis import SynthesisConfig, synthesize
+
+__all__ = ["KNOBS", "METHODS", "PurifyConfig", "PurifyResult", "purify"]
+
+METHODS = ("cnc", "cnc-paper", "clp", "compress")
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """Everything ``purify`` needs. Build presets with :meth:`for_method`."""
+
+    method: str = "cnc"
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sensitivity: SensitivityConfig | None = field(default_factory=SensitivityConfig)
+    clp: CLPConfig = field(default_factory=CLPConfig)
+    clp_compress: bool = True  # "clp": also apply the same compression afterwards
+    recalibrate: bool = True  # recalibrate BN on synthetic images after compression
+    refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
+    detect: bool = True  # PGD class histogram before and after (the detection signal)
+    detect_images: int = 256
+    detect_pgd: PGDConfig = field(default_factory=lambda: PGDConfig(eps=8 / 255, steps=10))
+    seed: int = 0
+
+    @classmethod
+    def for_method(
+        cls, method: str = "cnc", compress: CompressConfig | None = None, seed: int = 0
+    ) -> PurifyConfig:
+        """The preset of ``method`` (defaults chosen by measurement, see the module doc)."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        cc = compress or CompressConfig()
+        synth = SynthesisConfig(num_images=512, batch_size=128, iterations=100, seed=seed)
+        if method == "cnc-paper":
+            return cls(
+                method=method,
+                compress=cc,
+                synthesis=synth,
+                proxy=ProxyConfig(kind="pgd", pgd=PGDConfig(eps=8 / 255, steps=10), seed=seed),
+                finetune=FinetuneConfig(
+                    epochs=10, lr=1e-3, bn_mode="train", early_stopping=False, seed=seed
+                ),
+                sensitivity=None,
+                seed=seed,
+            )
+        return cls(
+            method=method,
+            compress=cc,
+            synthesis=synth,
+            proxy=ProxyConfig(
+                kind="trigger_inversion",
+                inversion=TriggerInversionConfig(steps=100, images_per_class=24),
+                seed=seed,
+            ),
+            finetune=FinetuneConfig(epochs=10, lr=1e-3, bn_mode="eval", seed=seed),
+            sensitivity=SensitivityConfig(),
+            seed=seed,
+        )
+
+    @classmethod
+    def from_knobs(
+        cls,
+        *,
+        method: str = "cnc",
+        compress: CompressConfig | None = None,
+        seed: int = 0,
+        knobs: dict[str, Any] | None = None,
+    ) -> PurifyConfig:
+        """The preset of ``method`` with flat ``knobs`` (names in :data:`KNOBS`) applied."""
+        config = cls.for_method(method, compress, seed)
+        for name, value in (knobs or {}).items():
+            config = _apply_knob(config, name, value)
+        return config
+
+
+#: Flat knob names (the service's "advanced" settings) -> (section, field); section "" is
+#: PurifyConfig itself.
+KNOBS: dict[str, tuple[str, ...]] = {
+    "num_images": ("synthesis", "num_images"),
+    "synthesis_iterations": ("synthesis", "iterations"),
+    "synthesis_batch_size": ("synthesis", "batch_size"),
+    "synthesis_lr": ("synthesis", "lr"),
+    "class_weight": ("synthesis", "class_weight"),
+    "proxy": ("proxy", "kind"),
+    "pgd_eps": ("proxy", "pgd", "eps"),
+    "pgd_steps": ("proxy", "pgd", "steps"),
+    "universal_eps": ("proxy", "universal", "eps"),
+    "inversion_steps": ("proxy", "inversion", "steps"),
+    "inversion_l1": ("proxy", "inversion", "l1_weight"),
+    "inversion_use": ("proxy", "inversion", "use"),
+    "epochs": ("finetune", "epochs"),
+    "lr": ("finetune", "lr"),
+    "batch_size": ("finetune", "batch_size"),
+    "temperature": ("finetune", "temperature"),
+    "kd_weight": ("finetune", "kd_weight"),
+    "proxy_weight": ("finetune", "proxy_weight"),
+    "bn_mode": ("finetune", "bn_mode"),
+    "early_stopping": ("finetune", "early_stopping"),
+    "sensitivity": ("sensitivity",),  # False/None disables
+    "sensitivity_u": ("sensitivity", "u"),
+    "sensitivity_action": ("sensitivity", "action"),
+    "clp_u": ("clp", "u"),
+    "clp_compress": ("clp_compress",),
+    "recalibrate": ("recalibrate",),
+    "refresh_every": ("refresh_every",),
+    "detect": ("detect",),
+}
+
+
+def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
+    if name not in KNOBS:
+        raise ValueError(
+            f"unknown purification setting {name!r}; known: {', '.join(sorted(KNOBS))}"
+        )
+    path = KNOBS[name]
+    if path == ("sensitivity",):
+        if value in (False, None):
+            return dataclasses.replace(config, sensitivity=None)
+        if value is True:
+            return dataclasses.replace(
+                config, sensitivity=config.sensitivity or SensitivityConfig()
+            )
+        raise ValueError("sensitivity takes true or false")
+
+    def set_in(obj: Any, keys: tuple[str, ...]) -> Any:
+        if obj is None and keys:
+            obj = SensitivityConfig()  # a sensitivity sub-knob switches it on
+        if len(keys) == 1:
+            return dataclasses.replace(obj, **{keys[0]: value})
+        return dataclasses.replace(obj, **{keys[0]: set_in(getattr(obj, keys[0]), keys[1:])})
+
+    result: PurifyConfig = set_in(config, path)
+    return result
+
+
+@dataclass
+class PurifyResult:
+    """The purified compact model and what each stage found."""
+
+    model: nn.Module
+    method: str
+    compress: CompressResult | None = None
+    suspected_target: int | None = None
+    detection: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    finetune: FinetuneResult | None = None
+    sensitivity: SensitivityResult | None = None
+    clp: CLPResult | None = None
+    proxies: ProxySet | None = None
+
+
+def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
+    m = config.method
+    if m == "compress":
+        return [("compress", 1.0)]
+    if m == "clp":
+        return [("clp", 1.0)] + ([("compress", 1.0)] if config.clp_compress else [])
+    s = config.synthesis
+    work = s.num_images * s.iterations / 1000.0
+    stages = [("synthesis", max(work, 0.1))]
+    if config.detect:
+        stages.append(("detect_before", config.detect_pgd.steps * config.detect_images / 1000))
+    if config.proxy.kind == "trigger_inversion":
+        inv = config.proxy.inversion
+        proxy_work = inv.steps * inv.images_per_class * 10 / 1000
+    else:
+        proxy_work = config.proxy.pgd.steps * s.num_images / 1000
+    stages += [("proxies", max(proxy_work, 0.1)), ("compress", 0.5)]
+    if config.sensitivity is not None:
+        stages.append(("sensitivity", 0.2))
+    ft = config.finetune
+    stages.append(("finetune", max(ft.epochs * s.num_images * 2 / 1000 * 0.5, 0.1)))
+    if config.detect:
+        stages.append(("detect_after", config.detect_pgd.steps * config.detect_images / 2000))
+    return stages
+
+
+def purify(
+    model: nn.Module,
+    config: PurifyConfig,
+    *,
+    mean: float | tuple[float, ...] = 0.0,
+    std: float | tuple[float, ...] = 1.0,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    synthetic: Tensor | None = None,
+    proxies: ProxySet | None = None,
+) -> PurifyResult:
+    """Remove a backdoor from ``model`` and compress it, data-free.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The possibly backdoored classifier (inputs normalised by ``mean``/``std``). Not
+        changed; it is moved to ``device``'s copy only.
+    config : PurifyConfig
+    input_shape : tuple
+        ``(C, H, W)``, or ``(N, C, H, W)`` with the batch axis ignored.
+    device : torch.device or str
+    progress : callable, optional
+        ``progress(stage, fraction)`` with the overall fraction; raise ``Cancelled`` to stop.
+    synthetic, proxies : optional
+        Synthetic images (normalised space) and proxies already made from this same
+        ``model`` with this ``config`` (benchmarks reuse them across ratios); skipped stages
+        then report nothing.
+
+    Returns
+    -------
+    PurifyResult
+    """
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    device = torch.device(device)
+    shape = tuple(input_shape[-3:])
+    teacher = copy.deepcopy(model).to(device).eval()
+    plan = StagePlan(_stages(config), progress)
+    torch.manual_seed(config.seed)  # any library randomness beyond our own generators
+
+    if config.method == "compress":
+        with plan.stage("compress"):
+            cres = compress(teacher, config.compress, progress=plan.nested("compress"))
+        return PurifyResult(cres.model.eval(), config.method, cres, timings=dict(plan.timings))
+
+    if config.method == "clp":
+        example = torch.zeros(2, *shape, device=device)
+        with plan.stage("clp"):
+            cl = clp(teacher, config.clp, example=example, progress=plan.nested("clp"))
+        result = PurifyResult(cl.model.eval(), config.method, clp=cl)
+        if config.clp_compress:
+            with plan.stage("compress"):
+                cres = compress(cl.model, config.compress, progress=plan.nested("compress"))
+            result.model, result.compress = cres.model.eval(), cres
+        result.detection = {"clp_pruned": cl.pruned}
+        result.timings = dict(plan.timings)
+        return result
+
+    # --- cnc / cnc-paper -------------------------------------------------------------------
+    synth_cfg = dataclasses.replace(config.synthesis, image_shape=shape)  # type: ignore[arg-type]
+    with plan.stage("synthesis"):
+        clean = (
+            synthetic.to(device)
+            if synthetic is not None
+            else synthesize(
+                teacher,
+                synth_cfg,
+                mean=mean,
+                std=std,
+                device=device,
+                progress=plan.nested("synthesis"),
+            )
+        )
+    detection: dict[str, Any] = {"histograms": {}}
+    with torch.no_grad():
+        num_classes = int(teacher(clean[:1]).shape[1])
+    probe = clean[: config.detect_images]
+    if config.detect:
+        with plan.stage("detect_before"):
+            hist, top, share = adversarial_histogram(
+                teacher,
+                probe,
+                config.detect_pgd,
+                mean=mean,
+                std=std,
+                seed=config.seed,
+                progress=plan.nested("detect_before"),
+            )
+        detection["histograms"]["adversarial_before"] = hist
+        detection["pgd_before"] = {"suspected_target": top, "share": share}
+
+    with plan.stage("proxies"):
+        proxies = (
+            proxies
+            if proxies is not None
+            else make_proxies(
+                teacher,
+                clean,
+                config.proxy,
+                mean=mean,
+                std=std,
+                num_classes=num_classes,
+                progress=plan.nested("proxies"),
+            )
+        )
+    detection["proxy"] = {
+        "kind": proxies.kind,
+        "suspected_target": proxies.suspected_target,
+        "share": proxies.share,
+        "flip_rate": proxies.flip_rate,
+        "histogram": proxies.histogram,
+    }
+    if proxies.inversion is not None:
+        inv = proxies.inversion
+        detection["trigger_inversion"] = {
+            "suspected_target": inv.suspected_target,
+            "anomaly_index": inv.anomaly_index,
+            "mask_norms": inv.mask_norms,
+            "success": inv.success,
+            "anomaly_indices": inv.anomaly_indices,
+        }
+        detection["histograms"]["inverted_trigger_before"] = proxies.histogram
+
+    with plan.stage("compress"):
+        cres = compress(teacher, config.compress, progress=plan.nested("compress"))
+    student = cres.model.to(device)
+    if config.recalibrate:
+        recalibrate_bn(student, clean, batch_size=config.finetune.batch_size)
+
+    sens: SensitivityResult | None = None
+    if config.sensitivity is not None:
+        with plan.stage("sensitivity"):
+            sens = suppress_sensitive_ranks(
+                student,
+                clean,
+                proxies.images,
+                config.sensitivity,
+                progress=plan.nested("sensitivity"),
+            )
+        detection["sensitivity_suppressed"] = sens.num_suppressed
+
+    refresh = None
+    if config.refresh_every > 0:
+        refresh = _refresher(config, clean, proxies, mean, std, num_classes)
+    ft_cfg = dataclasses.replace(config.finetune, refresh_every=config.refresh_every)
+    with plan.stage("finetune"):
+        ft = finetune(
+            student,
+            teacher,
+            clean,
+            proxies.images,
+            proxies.labels,
+            ft_cfg,
+            progress=plan.nested("finetune"),
+            refresh=refresh,
+        )
+
+    suspected = proxies.suspected_target
+    if config.detect:
+        with plan.stage("detect_after"):
+            hist, top, share = adversarial_histogram(
+                student,
+                probe,
+                config.detect_pgd,
+                mean=mean,
+                std=std,
+                seed=config.seed,
+                progress=plan.nested("detect_after"),
+            )
+        detection["histograms"]["adversarial_after"] = hist
+        detection["pgd_after"] = {"suspected_target": top, "share": share}
+        if proxies.inversion is not None:
+            still = predict(student, proxies.images)
+            detection["inverted_trigger_after_share"] = float(
+                (still == proxies.inversion.suspected_target).float().mean()
+            )
+    return PurifyResult(
+        model=student.eval(),
+        method=config.method,
+        compress=cres,
+        suspected_target=suspected,
+        detection=detection,
+        timings=dict(plan.timings),
+        finetune=ft,
+        sensitivity=sens,
+        proxies=proxies,
+    )
+
+
+def _refresher(
+    config: PurifyConfig,
+    clean: Tensor,
+    first: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    num_classes: int,
+):  # noqa: ANN202 - returns the finetune refresh callback
+    """Re-attack the current student every few epochs; labels stay the teacher's clean ones."""
+    proxy_cfg = config.proxy
+    if proxy_cfg.kind == "trigger_inversion" and first.inversion is not None:
+        # Re-invert only the suspected class (cheap) on the student
+        proxy_cfg = dataclasses.replace(
+            proxy_cfg,
+            inversion=dataclasses.replace(
+                proxy_cfg.inversion, classes=(first.inversion.suspected_target,), use="suspected"
+            ),
+        )
+
+    def refresh(student: nn.Module, epoch: int) -> tuple[Tensor, Tensor]:
+        cfg = dataclasses.replace(proxy_cfg, seed=config.seed + epoch)
+        new = make_proxies(student, clean, cfg, mean=mean, std=std, num_classes=num_classes)
+        # keep the teacher's clean labels and the first proxies, so nothing is forgotten
+        return torch.cat([first.images, new.images]), torch.cat([first.labels, first.labels])
+
+    return refresh

@@ -1,0 +1,279 @@
+"""Data-free synthetic images from a model's BatchNorm statistics (ZeroQ).
+
+ZeroQ (Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR 2020) distils
+"what the training data looked like" out of the running mean/variance every BatchNorm layer
+stores: start from random images and optimise the pixels so that the statistics of each BN
+layer's input match that layer's running statistics.
+
+Space: the images returned here live in the model's **normalised input space** (what the model
+takes: ``(pixel - mean) / std``). With ``clamp=True`` they are kept inside the valid pixel range
+[0, 1] mapped through the normalisation, so they are also real images.
+
+Statistics are taken on each BN layer's INPUT through forward pre-hooks, so pre-activation nets
+(BN before conv) are handled the same way as post-activation nets.
+
+An optional class-balanced term (DeepInversion, Yin et al., CVPR 2020; GDFQ, Xu et al.,
+ECCV 2020) adds a cross-entropy loss pushing image ``i`` to class ``i mod C`` (in a seeded
+permutation), which spreads the synthetic set over all classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnc_core.progress import ProgressFn
+
+__all__ = [
+    "SynthesisConfig",
+    "bn_statistics_loss",
+    "normalisation_bounds",
+    "synthesize",
+    "to_tensor_stats",
+]
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How to synthesise images. Defaults follow the ZeroQ code (Adam, lr 0.5, 500 steps)."""
+
+    num_images: int = 1024
+    batch_size: int = 128
+    image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W)
+    iterations: int = 500  # Adam steps per batch
+    lr: float = 0.5
+    seed: int = 0
+    # "batch": statistics of the whole batch per channel (DeepInversion); "sample": each image
+    # matches the running statistics on its own (the ZeroQ code). Batch matching leaves each
+    # image freer, hence more diverse.
+    statistics: str = "batch"
+    clamp: bool = True  # keep pixels in the valid [0, 1] range (through mean/std)
+    # Class-balanced variant: weight of a CE term towards an assigned class (0 = plain ZeroQ).
+    class_weight: float = 0.0
+    num_classes: int | None = None  # needed when class_weight > 0; inferred from a forward pass
+    plateau_patience: int = 50  # ReduceLROnPlateau patience, in steps
+    min_lr: float = 1e-4
+    input_weight: float = 1.0  # ZeroQ also matches the input's own mean 0 / std 1
+
+
+def to_tensor_stats(
+    values: float | tuple[float, ...] | list[float] | Tensor, channels: int, device: torch.device
+) -> Tensor:
+    """Normalisation mean or std as a ``(1, C, 1, 1)`` tensor (one value broadcasts)."""
+    t = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels)
+    if t.numel() != channels:
+        raise ValueError(f"expected 1 or {channels} normalisation values, got {t.numel()}")
+    return t.reshape(1, channels, 1, 1).clone()
+
+
+def normalisation_bounds(
+    mean: float | tuple[float, ...] | Tensor,
+    std: float | tuple[float, ...] | Tensor,
+    channels: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds, in normalised space, of the pixel range [0, 1]."""
+    m = to_tensor_stats(mean, channels, device)
+    s = to_tensor_stats(std, channels, device)
+    return (0.0 - m) / s, (1.0 - m) / s
+
+
+class _BNInputRecorder:
+    """Forward pre-hooks collecting the per-channel statistics of every BN layer's input."""
+
+    def __init__(self, model: nn.Module, per_sample: bool) -> None:
+        self.per_sample = per_sample
+        self.terms: list[Tensor] = []
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.running_mean is not None and module.running_var is not None
+            ):
+                self._handles.append(module.register_forward_pre_hook(self._hook))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._handles)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0]
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        run_mean = module.running_mean
+        run_var = module.running_var
+        assert run_mean is not None and run_var is not None
+        flat = x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)  # (C, N, spatial)
+        if self.per_sample:
+            mu = flat.mean(dim=2)  # (C, N)
+            sigma = torch.sqrt(flat.var(dim=2, unbiased=False) + module.eps)
+            target_mu = run_mean[:, None]
+            target_sigma = torch.sqrt(run_var + module.eps)[:, None]
+            # ZeroQ: squared 2-norm over channels, averaged over samples
+            loss = ((mu - target_mu).pow(2).sum(0) + (sigma - target_sigma).pow(2).sum(0)).mean()
+        else:
+            flat2 = flat.reshape(x.shape[1], -1)  # (C, N*spatial)
+            mu = flat2.mean(dim=1)
+            sigma = torch.sqrt(flat2.var(dim=1, unbiased=False) + module.eps)
+            loss = torch.linalg.vector_norm(mu - run_mean) + torch.linalg.vector_norm(
+                sigma - torch.sqrt(run_var + module.eps)
+            )
+        self.terms.append(loss)
+
+    def pop(self) -> Tensor:
+        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _input_loss(x: Tensor, per_sample: bool) -> Tensor:
+    """ZeroQ's extra term: the (normalised) input itself should have mean 0 and std 1."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)
+    if per_sample:
+        mu, sigma = flat.mean(2), flat.std(2)
+        return (mu.pow(2).sum(0) + (sigma - 1).pow(2).sum(0)).mean()
+    flat2 = flat.reshape(x.shape[1], -1)
+    return torch.linalg.vector_norm(flat2.mean(1)) + torch.linalg.vector_norm(flat2.std(1) - 1)
+
+
+@torch.no_grad()
+def bn_statistics_loss(
+    model: nn.Module, images: Tensor, *, per_sample: bool = False, batch_size: int = 256
+) -> float:
+    """Mean BN-statistics mismatch of ``images`` (normalised space) under ``model`` (eval).
+
+    The figure ZeroQ minimises, summed over BN layers and averaged over batches; useful to
+    check synthetic data quality. The model's train/eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    rec = _BNInputRecorder(model, per_sample)
+    try:
+        total, batches = 0.0, 0
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start : start + batch_size])
+            total += float(rec.pop())
+            batches += 1
+    finally:
+        rec.remove()
+        model.train(was_training)
+    return total / max(batches, 1)
+
+
+def synthesize(
+    model: nn.Module,
+    config: SynthesisConfig,
+    *,
+    mean: float | tuple[float, ...] = 0.0,
+    std: float | tuple[float, ...] = 1.0,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    stage: str = "synthesis",
+    labels_out: list[Tensor] | None = None,
+) -> Tensor:
+    """Synthesise ``config.num_images`` images from ``model``'s BN statistics (ZeroQ).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The ORIGINAL model (before any surgery). Not changed: it is run in eval mode and its
+        mode and ``requires_grad`` flags are restored.
+    config : SynthesisConfig
+    mean, std : float or per-channel tuple
+        The input normalisation the model expects, in [0, 1] pixel units.
+    device : torch.device or str
+    progress : callable, optional
+        ``progress(stage, fraction)``, called once per Adam step; raising ``Cancelled`` stops.
+    labels_out : list, optional
+        When given and ``class_weight > 0``, the assigned class of every image is appended.
+
+    Returns
+    -------
+    Tensor
+        ``(num_images, C, H, W)`` float32 on ``device``, in normalised input space.
+    """
+    device = torch.device(device)
+    c, h, w = config.image_shape
+    if config.statistics not in ("batch", "sample"):
+        raise ValueError(f"statistics must be 'batch' or 'sample', not {config.statistics!r}")
+    per_sample = config.statistics == "sample"
+    lo, hi = normalisation_bounds(mean, std, c, device)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    recorder = _BNInputRecorder(model, per_sample)
+    if recorder.num_layers == 0:
+        recorder.remove()
+        raise ValueError("model has no BatchNorm layer with running statistics: ZeroQ needs one")
+
+    num_classes = config.num_classes
+    assigned: Tensor | None = None
+    if config.class_weight > 0:
+        if num_classes is None:
+            with torch.no_grad():
+                num_classes = int(model(torch.zeros(1, c, h, w, device=device)).shape[1])
+            recorder.pop()
+        order = torch.randperm(config.num_images, generator=gen)
+        assigned = (order % num_classes).to(device)
+        if labels_out is not None:
+            labels_out.append(assigned.clone())
+
+    n_batches = -(-config.num_images // config.batch_size)
+    total_steps = max(n_batches * config.iterations, 1)
+    report: Callable[[float], None] = (
+        (lambda f: progress(stage, f)) if progress is not None else (lambda f: None)
+    )
+    out: list[Tensor] = []
+    try:
+        step = 0
+        for b in range(n_batches):
+            start = b * config.batch_size
+            n = min(config.batch_size, config.num_images - start)
+            x = torch.randn(n, c, h, w, generator=gen).to(device)
+            if config.clamp:
+                x = torch.max(torch.min(x, hi), lo)
+            x.requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=config.lr)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, patience=config.plateau_patience, min_lr=config.min_lr
+            )
+            for _ in range(config.iterations):
+                opt.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = recorder.pop()
+                if config.input_weight > 0:
+                    loss = loss + config.input_weight * _input_loss(x, per_sample)
+                if assigned is not None:
+                    loss = loss + config.class_weight * F.cross_entropy(
+                        logits, assigned[start : start + n]
+                    )
+                loss.backward()
+                opt.step()
+                sched.step(float(loss.detach()))
+                if config.clamp:
+                    with torch.no_grad():
+                        x.data = torch.max(torch.min(x.data, hi), lo)
+                step += 1
+                report(step / total_steps)
+            out.append(x.detach())
+    finally:
+        recorder.remove()
+        model.train(was_training)
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    if config.iterations == 0:
+        report(1.0)
+    return torch.cat(out, 0)

@@ -1,0 +1,98 @@
+"""Fine-tuning: shapes kept, agreement with the teacher improves, BN recalibration, cancel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnc_core.progress import Cancelled
+from cnc_core.purify.finetune import FinetuneConfig, agreement, finetune, recalibrate_bn
+from tests.core.test_synthesis import tiny_net
+
+
+def _data(n: int = 96, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g) * 0.7 + 0.4
+
+
+def _damaged_student(teacher: nn.Module) -> nn.Module:
+    import copy
+
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.4 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return student
+
+
+def test_finetune_improves_agreement_and_keeps_shapes() -> None:
+    teacher = tiny_net(seed=1)
+    student = _damaged_student(teacher)
+    clean = _data(128)
+    probe = _data(256, seed=9)
+    before = agreement(student, teacher, probe)
+    shapes = {k: v.shape for k, v in student.state_dict().items()}
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    proxies = clean + 0.1 * torch.randn_like(clean)
+    labels = teacher(clean).argmax(1)
+    cfg = FinetuneConfig(epochs=8, lr=5e-3, batch_size=32, holdout=0.2, patience=8)
+    res = finetune(student, teacher, clean, proxies, labels, cfg)
+    after = agreement(student, teacher, probe)
+    assert after > before + 0.05
+    assert {k: v.shape for k, v in student.state_dict().items()} == shapes
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items())
+    assert res.history[0]["epoch"] == 0 and len(res.history) >= 2
+    assert {"kd", "proxy", "agreement", "proxy_fix", "score"} <= set(res.history[-1])
+    assert 0 <= res.best_epoch <= 8 and not student.training
+
+
+def test_finetune_is_deterministic_and_accepts_soft_labels() -> None:
+    teacher = tiny_net(seed=2)
+    clean = _data(64)
+    soft = teacher(clean).detach()
+    cfg = FinetuneConfig(epochs=2, batch_size=32, early_stopping=False, bn_mode="train")
+    outs = []
+    for _ in range(2):
+        student = _damaged_student(teacher)
+        finetune(student, teacher, clean, clean.flip(3), soft, cfg)
+        outs.append(student(clean))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError):
+        finetune(student, teacher, clean, None, None, FinetuneConfig(bn_mode="bogus"))
+
+
+def test_recalibrate_bn_matches_data_statistics() -> None:
+    net = tiny_net()
+    data = _data(200) * 2.0 + 1.0
+    recalibrate_bn(net, data, batch_size=50)
+    bn = net[1]
+    with torch.no_grad():
+        h = net[0](data)
+    assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, h.var((0, 2, 3)), rtol=0.05)
+    assert bn.momentum == 0.1 and not net.training
+
+
+def test_finetune_cancels_within_one_step() -> None:
+    teacher = tiny_net()
+    student = _damaged_student(teacher)
+    seen: list[float] = []
+
+    def listener(stage: str, fraction: float) -> None:
+        seen.append(fraction)
+        if len(seen) == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        finetune(
+            student,
+            teacher,
+            _data(64),
+            None,
+            None,
+            FinetuneConfig(epochs=5, batch_size=8),
+            progress=listener,
+        )
+    assert len(seen) == 2

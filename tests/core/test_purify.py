@@ -1,0 +1,136 @@
+"""Rank-level sensitivity and the purify pipeline: planted component found, seeded, cancellable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnc_core.compress import CompressConfig
+from cnc_core.layers import Tucker2Conv2d
+from cnc_core.models import create_model
+from cnc_core.progress import Cancelled
+from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, purify
+from cnc_core.purify.proxies import PROXY_KINDS
+from cnc_core.purify.sensitivity import (
+    SensitivityConfig,
+    rank_components,
+    suppress_sensitive_ranks,
+)
+
+SMALL = dict(
+    num_images=32,
+    synthesis_iterations=3,
+    synthesis_batch_size=16,
+    epochs=2,
+    batch_size=16,
+    inversion_steps=3,
+    pgd_steps=2,
+)
+
+
+def _tucker_net() -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    layer = Tucker2Conv2d(conv, (6, 3))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p).abs() * 0.5)  # positive: components see clean input
+        # mode-2 component 0 reads channel 0 minus channel 1: silent on clean images
+        # (channels equal), loud on proxies (a patch on channel 0 only)
+        layer.first.weight[0] = 0.0
+        layer.first.weight[0, 0] = 1.0
+        layer.first.weight[0, 1] = -1.0
+    return nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_sensitivity_prunes_planted_trigger_component() -> None:
+    net = _tucker_net()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(40, 1, 8, 8, generator=g).repeat(1, 3, 1, 1)
+    proxies = clean.clone()
+    proxies[:, 0, -3:, -3:] = 1.5
+    assert set(rank_components(net)) == {"0.core", "0.first"}
+    res = suppress_sensitive_ranks(net, clean, proxies, SensitivityConfig(u=3.0))
+    assert res.suppressed["0.first"] == [0]
+    assert res.scores["0.first"][0] > 10 * max(res.scores["0.first"][1:])
+    assert torch.all(net[0].first.weight[0] == 0)
+    assert torch.all(net[0].first.weight[1:] != 0)
+    net2 = _tucker_net()
+    res2 = suppress_sensitive_ranks(net2, clean, proxies, SensitivityConfig(action="scale"))
+    assert 0 < res2.factors["0.first"][0] < 0.1
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(3)
+    net = create_model("simple_cnn", num_classes=4, in_chans=3, width=8)
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.rand(16, 3, 16, 16))
+    return net.eval()
+
+
+def _config(method: str, **extra: object) -> PurifyConfig:
+    knobs = dict(SMALL, **extra) if method.startswith("cnc") else {}
+    return PurifyConfig.from_knobs(
+        method=method, compress=CompressConfig(ratio=1.5), seed=0, knobs=knobs
+    )
+
+
+def test_purify_is_deterministic_under_a_seed() -> None:
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    outs = []
+    for _ in range(2):
+        res = purify(
+            model, _config("cnc", refresh_every=1), mean=0.5, std=0.25, input_shape=(3, 16, 16)
+        )
+        outs.append(res.model(x))
+        assert res.suspected_target is not None and res.compress is not None
+        assert res.compress.params_after < res.compress.params_before
+        assert "adversarial_before" in res.detection["histograms"]
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(model(x), outs[0])  # the input model is untouched, the output new
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_compresses(method: str) -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = purify(model, _config(method, detect=False), input_shape=(3, 16, 16))
+    params = sum(p.numel() for p in res.model.parameters())
+    assert params < sum(p.numel() for p in model.parameters())
+    assert res.model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert res.timings
+
+
+def test_purify_cancels_within_one_step() -> None:
+    model = _model()
+    calls: list[tuple[str, float]] = []
+
+    def listener(stage: str, fraction: float) -> None:
+        calls.append((stage, fraction))
+        if stage.startswith("finetune/"):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        purify(model, _config("cnc"), input_shape=(3, 16, 16), progress=listener)
+    assert calls[-1][0].startswith("finetune")
+    assert sum(s.startswith("finetune/") for s, _ in calls) == 1
+    fractions = [f for _, f in calls]
+    assert fractions == sorted(fractions)
+
+
+def test_knobs_are_checked_and_applied() -> None:
+    cfg = PurifyConfig.from_knobs(
+        method="cnc", knobs={"epochs": 3, "pgd_eps": 0.05, "sensitivity": False, "proxy": "pgd"}
+    )
+    assert cfg.finetune.epochs == 3 and cfg.proxy.pgd.eps == 0.05
+    assert cfg.sensitivity is None and cfg.proxy.kind in PROXY_KINDS
+    with pytest.raises(ValueError, match="unknown purification setting"):
+        PurifyConfig.from_knobs(method="cnc", knobs={"nope": 1})
+    with pytest.raises(ValueError):
+        PurifyConfig.for_method("bogus")
+    assert all(isinstance(path, tuple) and path for path in KNOBS.values())
