@@ -205,3 +205,12 @@ def test_cli_bad_inputs_exit_3_with_a_reason(
         ]
     )
     assert code == EXIT_BAD_INPUT and "nonet" in capsys.readouterr().err
+
+
+def test_package_exports_the_public_api() -> None:
+    import cnc_core
+
+    for name in cnc_core.__all__:
+        assert getattr(cnc_core, name) is not None
+    with pytest.raises(AttributeError):
+        cnc_core.not_a_thing  # noqa: B018
