@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved_latency, machine  # noqa: E402
-from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
+from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
@@ -73,7 +73,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Every defense on one zoo model."""
     model, meta = load_zoo_model(attack, mode, args.width, device)
-    sets = eval_sets(attack, mode)
+    sets = eval_sets(attack, mode, args.data_root)
     name = f"{attack}-{mode}"
     rows: dict[str, Any] = {
         "none": {**_score(model, sets, device), "params": count_params(model), "seconds": 0.0}
@@ -190,7 +190,7 @@ def floor_asr(args: argparse.Namespace, device: torch.device) -> dict[str, float
     model, _ = load_zoo_model("clean", "all2one", args.width, device)
     out = {}
     for attack, mode in ATTACKS:
-        xp, yp = eval_sets(attack, mode)["poisoned"]  # type: ignore[misc]
+        xp, yp = eval_sets(attack, mode, args.data_root)["poisoned"]  # type: ignore[misc]
         out[f"{attack}-{mode}"] = attack_success_rate(
             model, xp, yp, mean=MEAN, std=STD, device=device
         )
@@ -287,6 +287,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="folder with the Fashion-MNIST idx .gz files")
     args = parser.parse_args()
     args.knobs = {}
     for item in args.set:
