@@ -123,13 +123,14 @@ def main() -> int:
     host = os.environ.get("CNC_HOST", "127.0.0.1")
     port = os.environ.get("CNC_PORT", "8000")
     base = f"http://{host}:{port}"
+    worker_cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                  "--pool=solo", "--concurrency=1", "--loglevel=WARNING",
+                  "-Q", f"{settings.job_queue},{settings.light_queue}",
+                  "--without-gossip", "--without-mingle"]
     procs = [
         subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host,
                           "--port", port, "--log-level", "warning"], cwd=ROOT),
-        subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                          "--pool=solo", "--concurrency=1", "--loglevel=WARNING",
-                          "-Q", f"{settings.job_queue},{settings.light_queue}",
-                          "--without-gossip", "--without-mingle"], cwd=ROOT),
+        subprocess.Popen(worker_cmd, cwd=ROOT),
     ]
 
     def stop(*_: object) -> None:
@@ -155,9 +156,22 @@ API key: {token}
 
 Ctrl-C stops the API, the worker and the embedded servers.
 """, flush=True)
-    while all(p.poll() is None for p in procs):
+    # Supervise: a worker that exits (the hard time limit SIGKILLs its own worker) is
+    # replaced, unless it keeps dying; the API exiting stops everything.
+    restarts: list[float] = []
+    while procs[0].poll() is None:
+        code = procs[1].poll()
+        if code is not None:
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > 5:
+                print("the worker keeps exiting; stopping", file=sys.stderr)
+                break
+            print(f"the worker exited (code {code}); starting a new one", file=sys.stderr)
+            procs[1] = subprocess.Popen(worker_cmd, cwd=ROOT)
         time.sleep(1)
-    print("a service process exited; stopping", file=sys.stderr)
+    else:
+        print("the API exited; stopping", file=sys.stderr)
     stop()
     return 1
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,13 +25,26 @@ Authenticate with `Authorization: Bearer <API key>`. Errors are problem details
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="cnc: Clean & Compact", version="1.0.0", description=DESCRIPTION)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.auth_cache.stop()
+
+    app = FastAPI(
+        title="cnc: Clean & Compact", version="1.0.0", description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.engine = get_engine(
-        settings.database_url, settings.db_pool_size, settings.db_max_overflow
+        settings.database_url,
+        settings.db_pool_size,
+        settings.db_max_overflow,
+        settings.db_pool_pre_ping,
     )
+    # Single-statement reads (status polls) run in autocommit: no BEGIN/ROLLBACK trips.
+    app.state.read_engine = app.state.engine.execution_options(isolation_level="AUTOCOMMIT")
     app.state.queue = queue or JobQueue(settings)
-    app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
+    app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s, settings.database_url)
     metrics = Metrics(app.state.engine, app.state.queue)
     problems.install(app)
     for module in (health, models, jobs, batches):

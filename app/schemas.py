@@ -82,8 +82,21 @@ class JobSpec(JobOptions):
 
 def request_hash(spec: JobSpec) -> str:
     """Digest of the normalised request, to tell an idempotent retry from a new body."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return digest_of(spec.model_dump(mode="json"))
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def upload_request_hash(options: JobOptions, files: list[tuple[str, str]]) -> str:
+    """Digest of a multipart submission: the options and each file's (name, sha256).
+
+    A retried upload stores the file again under a new model id, so the id cannot be part
+    of what makes two submissions "the same body"; the file's content can."""
+    return digest_of({"options": options.model_dump(mode="json"), "files": files})
 
 
 class Links(BaseModel):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import gc
 import logging
 import mimetypes
+import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,66 @@ class JobFailure(Exception):
 
 class TimeLimitExceeded(Exception):  # noqa: N818
     """The job ran past its soft time limit."""
+
+
+def kill_this_process() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class HardLimit:
+    """The hard time limit, enforced for real under ``--pool=solo``.
+
+    Celery's ``task_time_limit`` needs a pool that can kill a child; with the solo pool the
+    job runs in the worker's main thread, where only the soft limit (checked at progress
+    reports) applies, and a job stuck in native code would never end. This watchdog thread
+    waits ``limit_s`` from the claim; if the job is still running then, it records the job
+    ``failed`` with code ``time_limit`` (fenced on the lease, so a job that just ended or
+    moved to another worker is left alone), queues its callback, and SIGKILLs the process:
+    the computation stops, the GPU is freed, and the worker's supervisor (compose
+    ``restart``, systemd, ``make serve``) starts a fresh one. The unacknowledged task comes
+    back after the visibility timeout and is skipped, since the job is no longer queued.
+    Should the database be unreachable, the lease lapses and the reaper requeues the job,
+    at most ``max_attempts`` times in all.
+    """
+
+    engine: Engine
+    claim: Claim
+    queue: JobQueue
+    limit_s: float
+    kill: Callable[[], None] = kill_this_process
+    fired: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> HardLimit:
+        threading.Thread(target=self._run, name="cnc-hard-limit", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        if self._stop.wait(self.limit_s):
+            return
+        self.fired.set()
+        log.error("job %s ran past its hard time limit of %.0f s; killing the worker",
+                  self.claim.job_id, self.limit_s)
+        recorder = threading.Thread(target=self._record, name="cnc-hard-limit-record",
+                                    daemon=True)
+        recorder.start()
+        recorder.join(timeout=10)  # a hung database must not keep the job alive
+        if not self._stop.is_set():  # the job did not end meanwhile
+            self.kill()
+
+    def _record(self) -> None:
+        message = f"the job ran past its hard time limit of {self.limit_s:.0f} s and was killed"
+        try:
+            if store_end(self.engine, self.claim, JobStatus.FAILED, "time_limit", message,
+                         {"total": self.limit_s}):
+                enqueue_pending_callback(self.engine, self.queue, self.claim.job_id)
+        except Exception:  # noqa: BLE001 - kill anyway; the reaper ends the job later
+            log.warning("could not record the time limit of job %s", self.claim.job_id,
+                        exc_info=True)
 
 
 @dataclass
@@ -220,9 +283,12 @@ def execute_job(
     engine: Engine,
     queue: JobQueue,
     owner: str | None = None,
+    kill: Callable[[], None] = kill_this_process,
 ) -> str:
     """Run one job if it can be claimed. Returns the job's final status, or ``skipped``
-    (not claimable: already done, cancelled, or running elsewhere) or ``lease_lost``."""
+    (not claimable: already done, cancelled, or running elsewhere) or ``lease_lost``.
+
+    ``kill`` ends the process at the hard time limit (see :class:`HardLimit`)."""
     from cnc_core.io import CheckpointError
     from cnc_core.job import JobConfig, run_job
     from cnc_core.progress import Cancelled
@@ -234,6 +300,7 @@ def execute_job(
         log.info("job %s is not claimable; skipping this delivery", job_id)
         return "skipped"
     log.info("job %s claimed by %s (attempt %d)", job_id, owner, c.attempt)
+    watchdog = HardLimit(engine, c, queue, settings.job_hard_time_limit_s, kill).start()
     heartbeat = Heartbeat(engine, job_id, owner, settings.lease_ttl_s, settings.heartbeat_s)
     heartbeat.start()
     progress = ProgressWriter(engine, job_id, owner, settings, heartbeat)
@@ -251,7 +318,7 @@ def execute_job(
                     raise JobFailure("model_missing", f"model {c.model_id} no longer exists")
             checkpoint = validation.fetch_checkpoint(engine, model, work)
             timings["download"] = time.perf_counter() - t0
-            _test_delay(progress, settings.job_start_delay_s)
+            _test_delay(progress, settings.job_start_delay_s, settings.job_start_delay_blocking)
             progress("validate", 0.02)
             try:
                 summary = validation.summarize(checkpoint)
@@ -305,10 +372,18 @@ def execute_job(
         ):
             status = None
     finally:
+        watchdog.stop()
         heartbeat.stop()
         free_accelerator_memory()
     if status is None:
         return "lease_lost"
+    enqueue_pending_callback(engine, queue, job_id)
+    log.info("job %s ended %s", job_id, status)
+    return str(status)
+
+
+def enqueue_pending_callback(engine: Engine, queue: JobQueue, job_id: uuid.UUID) -> None:
+    """Queue the delivery of an ended job's callback, if it has one still pending."""
     with engine.connect() as conn:
         pending = (
             conn.execute(select(Job.callback_status).where(Job.id == job_id)).scalar_one()
@@ -319,13 +394,17 @@ def execute_job(
             queue.enqueue_callback(job_id)
         except Exception:  # noqa: BLE001 - the job result stands; log the lost callback
             log.warning("could not enqueue the callback of job %s", job_id, exc_info=True)
-    log.info("job %s ended %s", job_id, status)
-    return str(status)
 
 
-def _test_delay(progress: Callable[[str, float], None], seconds: float) -> None:
-    """Test-only slow start (``CNC_JOB_START_DELAY_S``), reporting progress as it waits."""
+def _test_delay(
+    progress: Callable[[str, float], None], seconds: float, blocking: bool = False
+) -> None:
+    """Test-only slow start (``CNC_JOB_START_DELAY_S``), reporting progress as it waits,
+    or, when ``blocking``, silent like a hung native call (for the hard time limit)."""
     if seconds <= 0:
+        return
+    if blocking:
+        time.sleep(seconds)
         return
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:

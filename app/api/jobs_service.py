@@ -41,6 +41,7 @@ def new_job(
     batch_id: uuid.UUID | None = None,
     idempotency_key: str | None = None,
     field_prefix: str = "",
+    digest: str | None = None,
 ) -> Job:
     """Add a queued job row for ``spec`` (the caller commits, then calls :func:`enqueue`)."""
     model = session.get(Model, spec.model_id)
@@ -66,7 +67,7 @@ def new_job(
         max_attempts=settings.max_attempts,
         timings={},
         idempotency_key=idempotency_key,
-        request_hash=request_hash(spec),
+        request_hash=digest or request_hash(spec),
         callback_url=spec.callback_url,
         callback_status=CallbackStatus.PENDING if spec.callback_url else CallbackStatus.NONE,
         callback_attempts=0,
@@ -78,12 +79,21 @@ def new_job(
     return job
 
 
-def find_idempotent(session: Session, tenant_id: uuid.UUID, key: str, spec: JobSpec) -> Job | None:
-    """The job an earlier request with this key created; 409 when the body differs."""
+def find_idempotent(
+    session: Session,
+    tenant_id: uuid.UUID,
+    key: str,
+    spec: JobSpec | None,
+    digest: str | None = None,
+) -> Job | None:
+    """The job an earlier request with this key created; 409 when the body differs.
+
+    ``digest`` is the request's hash when it is not the spec's (a multipart upload)."""
     job = session.scalars(
         select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
     ).one_or_none()
-    if job is not None and job.request_hash != request_hash(spec):
+    expected = digest or (request_hash(spec) if spec is not None else None)
+    if job is not None and job.request_hash != expected:
         raise Problem(
             409,
             f"Idempotency-Key {key!r} was used with a different request body (job {job.id})",
@@ -92,28 +102,39 @@ def find_idempotent(session: Session, tenant_id: uuid.UUID, key: str, spec: JobS
     return job
 
 
+def check_idempotency_key(key: str) -> None:
+    if not 1 <= len(key) <= 255:
+        raise Problem(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
+
+
 def create_job(
     session: Session,
     tenant_id: uuid.UUID,
     spec: JobSpec,
     settings: Settings,
     idempotency_key: str | None,
+    digest: str | None = None,
 ) -> tuple[Job, bool]:
-    """Create and commit a job; returns ``(job, replayed)``. Does not enqueue."""
+    """Create and commit a job; returns ``(job, replayed)``. Does not enqueue.
+
+    ``digest`` identifies the request when the spec alone does not (see
+    :func:`app.schemas.upload_request_hash`)."""
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 255:
-            raise Problem(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
-        existing = find_idempotent(session, tenant_id, idempotency_key, spec)
+        check_idempotency_key(idempotency_key)
+        existing = find_idempotent(session, tenant_id, idempotency_key, spec, digest)
         if existing is not None:
+            session.rollback()  # anything this request added (a re-uploaded file) goes
             return existing, True
-    job = new_job(session, tenant_id, spec, settings, idempotency_key=idempotency_key)
+    job = new_job(
+        session, tenant_id, spec, settings, idempotency_key=idempotency_key, digest=digest
+    )
     try:
         session.commit()
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as a replay.
         session.rollback()
         assert idempotency_key is not None
-        existing = find_idempotent(session, tenant_id, idempotency_key, spec)
+        existing = find_idempotent(session, tenant_id, idempotency_key, spec, digest)
         if existing is None:
             raise
         return existing, True

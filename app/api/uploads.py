@@ -7,9 +7,12 @@ streaming and memory stays at one chunk.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
@@ -20,6 +23,9 @@ from app.core.problems import Problem
 from app.db.blobs import BlobInfo, BlobTooLarge, BlobWriter
 
 MAX_FIELD_BYTES = 1024 * 1024
+# Bytes gathered on the event loop before one hand-over to the database thread: big enough
+# that thread hops are rare, small enough that memory stays low.
+PIECE_BYTES = 4 << 20
 
 
 @dataclass
@@ -47,24 +53,53 @@ def check_length(request: Request, limit: int) -> None:
 
 
 class _Sink:
-    """Buffers one chunk on the event loop, writes it to the DB in the thread pool."""
+    """Feeds one upload to a :class:`BlobWriter`, overlapping the network and the database.
+
+    Bytes are gathered on the event loop; each full piece (about 4 MiB) goes to the
+    database (hash and COPY) in the thread pool *while* the loop keeps receiving the next
+    one, so an upload takes max(network, database) rather than their sum. At most one
+    piece is in flight and one is being gathered: about 8 MiB of memory per upload.
+    """
 
     def __init__(self, session: Session, chunk: int, limit: int) -> None:
         self.writer = BlobWriter(session, chunk, max_bytes=limit)
-        self.chunk = chunk
+        self.piece = max(PIECE_BYTES // chunk, 1) * chunk
+        self.limit = limit
+        self.size = 0
         self.pending = bytearray()
+        self._inflight: asyncio.Future[None] | None = None
 
     async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:  # refuse at once, not when the chunk is written
+            raise BlobTooLarge(self.limit)
         self.pending += data
-        if len(self.pending) >= self.chunk:
-            data, self.pending = bytes(self.pending), bytearray()
-            await run_in_threadpool(self.writer.write, data)
+        if len(self.pending) >= self.piece:
+            piece, self.pending = self.pending, bytearray()  # hand over, no copy
+            await self._wait()
+            self._inflight = asyncio.ensure_future(run_in_threadpool(self.writer.write, piece))
+
+    async def _wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            await inflight
 
     async def finish(self) -> BlobInfo:
-        if self.pending:
-            await run_in_threadpool(self.writer.write, bytes(self.pending))
-            self.pending = bytearray()
-        return await run_in_threadpool(self.writer.finish)
+        await self._wait()
+        piece, self.pending = self.pending, bytearray()
+        return await run_in_threadpool(self._finish, piece)
+
+    def _finish(self, piece: bytearray) -> BlobInfo:
+        self.writer.write(piece)
+        return self.writer.finish()
+
+    async def abort(self) -> None:
+        """Stop after an error: let the piece in flight land, then end the COPY. Shielded,
+        so a cancelled request (client gone) still hands back a usable connection."""
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await self._wait()
+            await run_in_threadpool(self.writer.abort)
 
 
 async def store_raw_body(
@@ -77,10 +112,15 @@ async def store_raw_body(
         async for data in request.stream():
             await sink.write(data)
         blob = await sink.finish()
-    except BlobTooLarge as exc:
-        raise Problem(413, f"upload exceeds the limit of {exc.limit} bytes", field="file") from None
-    except ClientDisconnect:
-        raise Problem(400, "the client disconnected during the upload") from None
+    except BaseException as exc:
+        await sink.abort()
+        if isinstance(exc, BlobTooLarge):
+            raise Problem(
+                413, f"upload exceeds the limit of {exc.limit} bytes", field="file"
+            ) from None
+        if isinstance(exc, ClientDisconnect):
+            raise Problem(400, "the client disconnected during the upload") from None
+        raise
     return StoredFile("file", filename, blob, sink.writer.head, sink.writer.tail)
 
 
@@ -188,6 +228,12 @@ async def store_multipart(
                 sink = None
             else:
                 form.fields[current[0]] = text.decode("utf-8", "replace")
-    except BlobTooLarge as exc:
-        raise Problem(413, f"upload exceeds the limit of {exc.limit} bytes", field="file") from None
+    except BaseException as exc:
+        if sink is not None:
+            await sink.abort()
+        if isinstance(exc, BlobTooLarge):
+            raise Problem(
+                413, f"upload exceeds the limit of {exc.limit} bytes", field="file"
+            ) from None
+        raise
     return form

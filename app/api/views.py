@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, Row, select
 from sqlalchemy.orm import Session
 
 from app.core.problems import Problem
@@ -39,7 +40,12 @@ def job_links(job_id: uuid.UUID) -> dict[str, str]:
     }
 
 
-def job_out(job: Job, artifacts: Sequence[Artifact] = ()) -> JobOut:
+# An ORM row or a Core row of the jobs table: both have the columns as attributes.
+JobRow = Job | Row[Any]
+ArtifactRow = Artifact | Row[Any]
+
+
+def job_out(job: JobRow, artifacts: Sequence[ArtifactRow] = ()) -> JobOut:
     report = job.report or {}
     metrics = report.get("metrics") if isinstance(report, dict) else None
     return JobOut(
@@ -85,6 +91,31 @@ def job_out(job: Job, artifacts: Sequence[Artifact] = ()) -> JobOut:
         ],
         links=job_links(job.id),
     )
+
+
+def read_job(engine: Engine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobOut | None:
+    """The status view of a job, or None: the poll's fast path.
+
+    Core rows rather than ORM objects (no session, identity map or attribute tracking),
+    one query, plus one for the artifacts of a succeeded job. ``engine`` should be in
+    autocommit mode, so there is no BEGIN/ROLLBACK round trip around the SELECT.
+    """
+    jobs, artifacts = Job.__table__, Artifact.__table__
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
+        ).one_or_none()
+        if row is None:
+            return None
+        found: Sequence[Any] = ()
+        if row.status == JobStatus.SUCCEEDED:
+            found = conn.execute(
+                select(artifacts.c.name, artifacts.c.size, artifacts.c.sha256,
+                       artifacts.c.content_type)
+                .where(artifacts.c.job_id == job_id)
+                .order_by(artifacts.c.name)
+            ).all()
+    return job_out(row, found)
 
 
 def load_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:

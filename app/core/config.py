@@ -30,13 +30,20 @@ class Settings(BaseSettings):
     queue_prefix: str = "cnc"
     db_pool_size: int = 10
     db_max_overflow: int = 20
+    # Ping each pooled connection before use. The API does not by default (a status poll
+    # would pay a second round trip); a dropped connection then fails one request and
+    # SQLAlchemy replaces the whole pool.
+    db_pool_pre_ping: bool = False
 
     # Uploads and blobs.
     max_upload_bytes: int = 2 * 1024**3
-    blob_chunk_bytes: int = 1024 * 1024
+    # Bytes per stored blob row: at most 8000, so a row fits a Postgres page uncompressed
+    # (see app/db/blobs.py). Uploads still reach the database in 4 MiB pieces.
+    blob_chunk_bytes: Annotated[int, Field(ge=1, le=8000)] = 8000
     max_batch_jobs: int = 100
-    # API: a verified key is trusted this long before it is looked up again (revocation lag).
-    auth_cache_ttl_s: float = 5.0
+    # API: a verified key is trusted this long before it is looked up again. Revocations
+    # reach every API process at once by Postgres NOTIFY; the TTL bounds a missed one.
+    auth_cache_ttl_s: float = 60.0
     sse_poll_s: float = 0.5  # how often /events reads the job row
 
     # Job execution. A lease is renewed by a heartbeat thread; when it lapses (the worker
@@ -46,13 +53,18 @@ class Settings(BaseSettings):
     reaper_interval_s: float = 15.0
     max_attempts: int = 3
     progress_min_interval_s: float = 1.0
-    job_soft_time_limit_s: int = 3 * 3600
-    job_hard_time_limit_s: int = 3 * 3600 + 600
+    # Soft: checked at each progress report (the job fails with code time_limit). Hard: a
+    # watchdog thread records time_limit and SIGKILLs the worker (worker/runner.py).
+    job_soft_time_limit_s: float = 3 * 3600
+    job_hard_time_limit_s: float = 3 * 3600 + 600
     # Must exceed the hard limit: Redis redelivers an unacknowledged task after it.
     visibility_timeout_s: int = 4 * 3600
     # Test-only: seconds the worker spends in a "prepare" stage before the library runs,
     # reporting progress, so that a test can cancel or kill a job mid-run.
     job_start_delay_s: float = 0.0
+    # Test-only: spend that delay in one sleep with no progress reports (a hung call), so
+    # only the hard time limit can stop it.
+    job_start_delay_blocking: bool = False
     work_dir: str | None = None  # worker scratch space; default: the system temp dir
 
     # Callbacks: hosts a callback_url may name ("*.example.com" matches subdomains).

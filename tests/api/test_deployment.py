@@ -42,6 +42,39 @@ def test_migrations_upgrade_downgrade_roundtrip() -> None:
         drop_database(name)
 
 
+def _revision_0002_state(url: str) -> tuple[bool, str, bool]:
+    """(notify trigger present, blob_chunks.data storage, batches.idempotency_key present)."""
+    with psycopg.connect(url) as conn:
+        trigger = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'api_keys_notify'"
+        ).fetchone()
+        storage = conn.execute(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'blob_chunks'::regclass "
+            "AND attname = 'data'"
+        ).fetchone()
+        column = conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'batches' "
+            "AND column_name = 'idempotency_key'"
+        ).fetchone()
+    assert trigger and storage and column
+    return bool(trigger[0]), str(storage[0]), bool(column[0])
+
+
+def test_migration_0002_upgrade_and_downgrade() -> None:
+    require_services()
+    name = f"cnc_migr_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    try:
+        upgrade(url, "0001")
+        assert _revision_0002_state(url) == (False, "e", False)  # e: external (TOAST)
+        upgrade(url)
+        assert _revision_0002_state(url) == (True, "p", True)  # p: plain
+        downgrade(url, "0001")
+        assert _revision_0002_state(url) == (False, "e", False)
+    finally:
+        drop_database(name)
+
+
 def test_migrations_match_the_models(database_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

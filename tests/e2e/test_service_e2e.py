@@ -128,3 +128,30 @@ def test_kill_9_mid_job_another_worker_finishes(stack: Stack, make_key, tiny_mod
     with Session(engine) as s:
         artifacts = s.scalars(select(Artifact.name).where(Artifact.job_id == job["id"])).all()
     assert len(artifacts) == len(set(artifacts)) > 0  # stored once
+
+
+def test_hard_time_limit_kills_a_hung_worker(stack: Stack, engine, settings, queue,
+                                             tiny_model: Path):
+    """A job hung without progress reports (so the soft limit never runs) is ended by the
+    hard limit: the worker process is SIGKILLed, the job ends failed/time_limit, and a
+    redelivery of its task to a fresh worker does not run it again."""
+    from tests.worker.helpers import add_job, add_model, get_job
+
+    tenant, model_id = add_model(engine, settings, tiny_model)
+    job_id = add_job(engine, tenant, model_id)
+    hung = stack.start_worker("w1", CNC_JOB_SOFT_TIME_LIMIT_S=1, CNC_JOB_HARD_TIME_LIMIT_S=2,
+                              CNC_JOB_START_DELAY_S=120, CNC_JOB_START_DELAY_BLOCKING="true")
+    task_id = get_job(engine, job_id).task_id
+    assert task_id is not None
+    queue.enqueue_job(job_id, task_id)
+    assert hung.wait(timeout=60) == -signal.SIGKILL
+    job = get_job(engine, job_id)
+    assert job.status == "failed" and job.error_code == "time_limit" and job.attempt == 1
+    stack.start_worker("w2")
+    queue.enqueue_job(job_id)  # as Redis would redeliver the unacknowledged task
+    deadline = time.monotonic() + 30
+    while "not claimable" not in stack.log("w2") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "not claimable" in stack.log("w2")
+    job = get_job(engine, job_id)
+    assert job.status == "failed" and job.error_code == "time_limit" and job.attempt == 1

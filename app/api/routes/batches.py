@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import PrincipalDep, QueueDep, SessionDep, SettingsDep
@@ -17,7 +20,15 @@ from app.api.routes.models import enqueue_validation, receive_files, register_up
 from app.api.views import job_links
 from app.core.problems import Problem
 from app.db.models import Batch, Job, JobStatus
-from app.schemas import BatchJobOut, BatchOut, BatchRequest, JobOptions, JobSpec
+from app.schemas import (
+    BatchJobOut,
+    BatchOut,
+    BatchRequest,
+    JobOptions,
+    JobSpec,
+    digest_of,
+    upload_request_hash,
+)
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -84,10 +95,15 @@ async def submit_batch(
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
+    """Create a batch. With an ``Idempotency-Key``, the same key and body return the same
+    batch (``Idempotent-Replayed: true``; a retried upload's files are not stored twice)
+    and a different body is ``409``, as for jobs. For a multipart body, "the same body"
+    means the same options and the same files (by sha256) in the same order."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise Problem(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     ctype = request.headers.get("content-type", "")
-    batch = Batch(id=uuid.uuid4(), tenant_id=principal.tenant_id)
-    session.add(batch)
     models = []
     if ctype.startswith("multipart/form-data"):
         files, fields = await receive_files(
@@ -98,16 +114,36 @@ async def submit_batch(
         options = parse_body(JobOptions, fields["spec"], ("spec",))
         if not files:
             raise Problem(422, "the form holds no files", field="files")
+        digest = upload_request_hash(options, [(f.filename, f.blob.sha256) for f in files])
+        replay = await run_in_threadpool(
+            find_batch, session, principal.tenant_id, idempotency_key, digest
+        )
+        if replay is not None:
+            await run_in_threadpool(session.rollback)  # drop the files stored again
+            return await run_in_threadpool(_replayed, session, replay)
         models = [register_upload(session, principal.tenant_id, f) for f in files]
         await run_in_threadpool(session.flush)
         specs = [JobSpec(**options.model_dump(), model_id=m.id) for m in models]
     else:
         manifest = parse_body(BatchRequest, await request.body())  # type: ignore[arg-type]
         specs = list(manifest.jobs)
+        digest = digest_of([s.model_dump(mode="json") for s in specs])
+        replay = await run_in_threadpool(
+            find_batch, session, principal.tenant_id, idempotency_key, digest
+        )
+        if replay is not None:
+            return await run_in_threadpool(_replayed, session, replay)
     if len(specs) > settings.max_batch_jobs:
         raise Problem(422, f"at most {settings.max_batch_jobs} jobs per batch", field="jobs")
+    batch = Batch(
+        id=uuid.uuid4(),
+        tenant_id=principal.tenant_id,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
 
-    def create() -> list[Job]:
+    def create() -> list[Job] | Batch:
+        session.add(batch)
         jobs = [
             new_job(
                 session,
@@ -119,19 +155,59 @@ async def submit_batch(
             )
             for i, spec in enumerate(specs)
         ]
-        session.commit()
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same key won the race: answer as its replay.
+            session.rollback()
+            earlier = find_batch(session, principal.tenant_id, idempotency_key, digest)
+            if earlier is None:
+                raise
+            return earlier
         return jobs
 
-    jobs = await run_in_threadpool(create)
+    created = await run_in_threadpool(create)
+    if isinstance(created, Batch):
+        return await run_in_threadpool(_replayed, session, created)
     enqueue_validation(queue, models)
-    await run_in_threadpool(enqueue, session, queue, jobs)
+    await run_in_threadpool(enqueue, session, queue, created)
     await run_in_threadpool(session.refresh, batch)
-    out = batch_out(batch, jobs)
-    return JSONResponse(
-        out.model_dump(mode="json"),
-        status_code=202,
-        headers={"Location": f"/v1/batches/{batch.id}", "Retry-After": "5"},
+    return _accepted(batch_out(batch, created), replayed=False)
+
+
+def find_batch(
+    session: Session, tenant_id: uuid.UUID, key: str | None, digest: str
+) -> Batch | None:
+    """The batch an earlier request with this key created; 409 when the body differs."""
+    if key is None:
+        return None
+    batch = session.scalars(
+        select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key)
+    ).one_or_none()
+    if batch is not None and batch.request_hash != digest:
+        raise Problem(
+            409,
+            f"Idempotency-Key {key!r} was used with a different request body (batch {batch.id})",
+            field="Idempotency-Key",
+        )
+    return batch
+
+
+def _jobs_of(session: Session, batch: Batch) -> list[Job]:
+    return list(
+        session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.created_at))
     )
+
+
+def _replayed(session: Session, batch: Batch) -> JSONResponse:
+    return _accepted(batch_out(batch, _jobs_of(session, batch)), replayed=True)
+
+
+def _accepted(out: BatchOut, replayed: bool) -> JSONResponse:
+    headers = {"Location": f"/v1/batches/{out.id}", "Retry-After": "5"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(out.model_dump(mode="json"), status_code=202, headers=headers)
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
@@ -139,7 +215,4 @@ def get_batch(batch_id: uuid.UUID, principal: PrincipalDep, session: SessionDep)
     batch = session.get(Batch, batch_id)
     if batch is None or batch.tenant_id != principal.tenant_id:
         raise Problem(404, f"no batch {batch_id}")
-    jobs = list(
-        session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.created_at))
-    )
-    return batch_out(batch, jobs)
+    return batch_out(batch, _jobs_of(session, batch))

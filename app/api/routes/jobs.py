@@ -23,11 +23,18 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import EngineDep, PrincipalDep, QueueDep, SessionDep, SettingsDep
 from app.api.jobs_service import create_job, enqueue
 from app.api.routes.models import enqueue_validation, receive_files, register_upload
-from app.api.views import job_out, job_with_artifacts, load_job
+from app.api.views import job_out, job_with_artifacts, load_job, read_job
 from app.core.problems import Problem
 from app.db.blobs import iter_blob
-from app.db.models import TERMINAL_STATUSES, Artifact, Job, JobStatus
-from app.schemas import ArtifactOut, JobOptions, JobOut, JobPage, JobSpec
+from app.db.models import TERMINAL_STATUSES, Artifact, Job, JobStatus, Model
+from app.schemas import (
+    ArtifactOut,
+    JobOptions,
+    JobOut,
+    JobPage,
+    JobSpec,
+    upload_request_hash,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -91,6 +98,8 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     ctype = request.headers.get("content-type", "")
+    models: list[Model] = []
+    digest = None
     if ctype.startswith("multipart/form-data"):
         files, fields = await receive_files(request, session, settings, max_files=1)
         if "spec" not in fields:
@@ -100,17 +109,19 @@ async def submit_job(
         options = parse_body(JobOptions, fields["spec"], ("spec",))
         if not files:
             raise Problem(422, "the form needs a 'file' field (the checkpoint)", field="file")
-        model = register_upload(session, principal.tenant_id, files[0])
+        # A retried upload is the same request when the options and the file are.
+        digest = upload_request_hash(options, [(files[0].filename, files[0].blob.sha256)])
+        models = [register_upload(session, principal.tenant_id, files[0])]
         await run_in_threadpool(session.flush)
-        spec = JobSpec(**options.model_dump(), model_id=model.id)
-        await run_in_threadpool(session.commit)
-        enqueue_validation(queue, [model])
+        spec = JobSpec(**options.model_dump(), model_id=models[0].id)
     else:
         spec = parse_body(JobSpec, await request.body())
+    # Model and job commit together; a replay rolls the re-uploaded file back.
     job, replayed = await run_in_threadpool(
-        create_job, session, principal.tenant_id, spec, settings, idempotency_key
+        create_job, session, principal.tenant_id, spec, settings, idempotency_key, digest
     )
     if not replayed:
+        enqueue_validation(queue, models)
         await run_in_threadpool(enqueue, session, queue, [job])
     out = await run_in_threadpool(job_with_artifacts, session, job)
     return accepted(job, out, replayed)
@@ -165,13 +176,17 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(
-    job_id: uuid.UUID, response: Response, principal: PrincipalDep, session: SessionDep
-) -> JobOut:
-    job = load_job(session, principal.tenant_id, job_id)
-    if job.status not in TERMINAL_STATUSES:
-        response.headers["Retry-After"] = RETRY_AFTER_S
-    return job_with_artifacts(session, job)
+async def get_job(job_id: uuid.UUID, request: Request, principal: PrincipalDep) -> Response:
+    """Poll a job. The hot path of the API: one thread-pool hop for one SELECT, no ORM,
+    and the body serialised once by pydantic (returning a ``Response`` skips FastAPI's
+    second validation of the response model)."""
+    out = await run_in_threadpool(
+        read_job, request.app.state.read_engine, principal.tenant_id, job_id
+    )
+    if out is None:
+        raise Problem(404, f"no job {job_id}")
+    headers = {} if out.status in TERMINAL_STATUSES else {"Retry-After": RETRY_AFTER_S}
+    return Response(out.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
@@ -237,9 +252,9 @@ async def job_events(
     job_id: uuid.UUID,
     request: Request,
     principal: PrincipalDep,
-    engine: EngineDep,
     settings: SettingsDep,
 ) -> StreamingResponse:
+    engine = request.app.state.read_engine  # one SELECT per snapshot: no transaction needed
     first = await run_in_threadpool(_snapshot, engine, principal.tenant_id, job_id)
     if first is None:
         raise Problem(404, f"no job {job_id}")
