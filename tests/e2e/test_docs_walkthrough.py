@@ -1,4 +1,4 @@
-"""The curl examples of docs/service.md run as written against a live API and worker.
+"""The curl examples of README.md's service section run as written against a live API and worker.
 
 Every ```bash block of the document runs, in order, as one script (``set -euo pipefail``),
 with the ``CNC_URL`` and ``CNC_KEY`` that ``make serve`` would print. ```shell blocks are
@@ -18,7 +18,7 @@ from tests.e2e.conftest import ROOT, Stack
 from tests.service_support import bearer
 
 pytestmark = pytest.mark.slow
-DOC = ROOT / "docs" / "service.md"
+DOC = ROOT / "README.md"
 
 
 def bash_blocks(text: str) -> list[str]:
