@@ -67,3 +67,35 @@ def interleaved_latency(
                 torch.cuda.synchronize()
             times[i].append((time.perf_counter() - t0) * 1000)
     return [statistics.median(t) for t in times]
+
+
+def interleaved_onnx_latency(
+    paths: Sequence[str],
+    input_shape: Sequence[int],
+    *,
+    batch_size: int,
+    repeats: int,
+    threads: int = 2,
+    warmup: int = 3,
+) -> list[float]:
+    """Median ONNX Runtime (CPU) run time (ms) of each exported model, round-robin: how the
+    models run where most users deploy them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"])
+                for p in paths]
+    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for i, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(t) for t in times]

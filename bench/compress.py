@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved_latency, machine  # noqa: E402
+from bench.common import interleaved_latency, interleaved_onnx_latency, machine  # noqa: E402
 from cnc_core.compress import CompressConfig, compress  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
 from cnc_core.models import create_model  # noqa: E402
+from cnc_core.onnx_export import export_onnx  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,6 +39,7 @@ def run(
     repeats: int,
     allocation: str,
     shares: list[float],
+    onnx: bool = True,
 ) -> dict:
     rows = []
     shape = (3, 32, 32)
@@ -54,6 +58,17 @@ def run(
             b: interleaved_latency(models, shape, batch_size=b, device=device, repeats=repeats)
             for b in batches
         }
+        onnx_latencies: dict[int, list[float]] = {}
+        if onnx:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = [
+                    str(export_onnx(m.cpu(), Path(tmp) / f"m{i}.onnx", shape))
+                    for i, m in enumerate(models)
+                ]
+                onnx_latencies = {
+                    b: interleaved_onnx_latency(paths, shape, batch_size=b, repeats=repeats)
+                    for b in batches
+                }
         p0, m0 = count_params(original), count_macs(original, shape)
         for i, (ratio, share) in enumerate([(1.0, 0.0)] + variants):
             model = models[i]
@@ -71,6 +86,9 @@ def run(
             for b in batches:
                 row[f"latency_b{b}_ms"] = latencies[b][i]
                 row[f"speedup_b{b}"] = latencies[b][0] / latencies[b][i]
+                if onnx_latencies:
+                    row[f"ort_b{b}_ms"] = onnx_latencies[b][i]
+                    row[f"ort_speedup_b{b}"] = onnx_latencies[b][0] / onnx_latencies[b][i]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {
@@ -78,26 +96,35 @@ def run(
         "device": str(device),
         "allocation": allocation,
         "repeats": repeats,
+        "load_average": list(os.getloadavg()),
         "rows": rows,
     }
 
 
 def to_markdown(data: dict, batches: list[int]) -> str:
     m = data["machine"]
+    onnx = "ort_b1_ms" in data["rows"][0] or f"ort_b{batches[0]}_ms" in data["rows"][0]
     lines = [
         "# Compression benchmark: ResNet-18 (CIFAR stem, 10 classes, 32x32 input)",
         "",
         f"Machine: {m.get('cuda_device') or m['processor']}, {m['cpu_count']} CPUs, "
         f"torch {m['torch']} ({m['torch_threads']} threads); device {data['device']}; "
-        f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs.",
+        f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs; "
+        f"load average at start {data.get('load_average', ['?'])[0]}.",
+        "torch: eager PyTorch on the device; ORT: the exported ONNX model in ONNX Runtime "
+        "(CPU, 2 intra-op threads).",
         "Command: `.venv/bin/python bench/compress.py"
         + (" --device cuda" if data["device"].startswith("cuda") else "")
         + "`",
         "",
         "| width | target | min_layer_share | params | param ratio | MACs | MAC ratio | "
-        + " | ".join(f"latency b{b} (ms) | speed-up b{b}" for b in batches)
-        + " | speed-up / MAC ratio (b64) |",
-        "|---|---|---|---|---|---|---|" + "---|---|" * len(batches) + "---|",
+        + " | ".join(f"torch b{b} ms (speed-up)" for b in batches)
+        + (" | " + " | ".join(f"ORT b{b} ms (speed-up)" for b in batches) if onnx else "")
+        + f" | torch speed-up / MAC ratio (b{batches[-1]})"
+        + (f" | ORT speed-up / MAC ratio (b{batches[-1]})" if onnx else "")
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(batches) * (2 if onnx else 1)
+        + ("---|---|" if onnx else "---|"),
     ]
     for r in data["rows"]:
         cells = [
@@ -110,9 +137,14 @@ def to_markdown(data: dict, batches: list[int]) -> str:
             f"{r['mac_ratio']:.2f}x",
         ]
         for b in batches:
-            cells += [f"{r[f'latency_b{b}_ms']:.2f}", f"{r[f'speedup_b{b}']:.2f}x"]
-        key = f"speedup_b{batches[-1]}"
-        cells.append(f"{r[key] / r['mac_ratio']:.2f}")
+            cells.append(f"{r[f'latency_b{b}_ms']:.2f} ({r[f'speedup_b{b}']:.2f}x)")
+        if onnx:
+            for b in batches:
+                cells.append(f"{r[f'ort_b{b}_ms']:.2f} ({r[f'ort_speedup_b{b}']:.2f}x)")
+        last = batches[-1]
+        cells.append(f"{r[f'speedup_b{last}'] / r['mac_ratio']:.2f}")
+        if onnx:
+            cells.append(f"{r[f'ort_speedup_b{last}'] / r['mac_ratio']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,6 +165,7 @@ def main() -> None:
         help="min_layer_share values to compare side by side",
     )
     parser.add_argument("--tag", default="", help="suffix for the results file names")
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime timings")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = run(
