@@ -344,6 +344,26 @@ def _cached_matches(sidecar: Path, cfg: TrainConfig) -> bool:
         return False
 
 
+def summary_table(width: int, directory: Path = MODELS_DIR) -> str:
+    """A markdown table of the sidecars under ``directory/w{width}``, in zoo order."""
+    rows = [
+        "| model | clean ACC % | ASR % | train images x epochs | augment | train s | device |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for attack, mode in ZOO:
+        sidecar = _paths(directory, attack, mode, width)[1]
+        if not sidecar.is_file():
+            continue
+        m = json.loads(sidecar.read_text())
+        asr = "-" if m["asr"] is None else f"{m['asr']:.2f}"
+        rows.append(
+            f"| {m['name']} | {m['clean_acc']:.2f} | {asr} | {m['train_images']} x "
+            f"{m['train']['epochs']} | {m['train']['augment']} | {m['wall_time_s']:.0f} | "
+            f"{m['machine']['device_name']} ({m['machine']['device']}) |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--width", type=int, default=16)
@@ -363,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--publish", action="store_true", help="copy results to bench/models/")
+    p.add_argument("--summary", action="store_true", help="print bench/models' table and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary_table(args.width))
+        return 0
 
     torch.set_num_threads(args.threads)
     if args.device == "auto":
