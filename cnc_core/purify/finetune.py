@@ -39,6 +39,10 @@ __all__ = [
 BN_MODES = ("eval", "train")
 
 RefreshFn = Callable[[nn.Module, int], tuple[Tensor, Tensor]]
+#: ``stamp(images, generator) -> images`` puts a (proxy) trigger on normalised images.
+StampFn = Callable[[Tensor, torch.Generator], Tensor]
+#: ``refresh_stamp(student, epoch) -> stamp`` re-inverts the trigger on the current student.
+StampRefreshFn = Callable[[nn.Module, int], StampFn]
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,24 @@ class FinetuneConfig:
     proxy_weight: float = 1.0
     bn_mode: str = "eval"
     recalibrate: bool = True  # recalibrate BN statistics on the synthetic images first
+    # ... and once more at the end: with bn_mode "train" the running statistics drift with
+    # the weights and mix proxy batches in; a last pass on clean synthetic images fixes both
+    final_recalibrate: bool = True
     early_stopping: bool = True
     patience: int = 3  # epochs without improvement before stopping
     holdout: float = 0.1  # share of images kept out of training for the criterion
     refresh_every: int = 0  # call ``refresh`` every k epochs (0: never)
+    # Random shift (up to ``shift`` px, reflect padding) + horizontal flip of the clean
+    # synthetic images each step, the teacher run on the augmented batch. Off by default:
+    # measured, it slowed KD's recovery of real accuracy (explore-purify.md, section 3).
+    augment: bool = False
+    shift: int = 4
+    flip: bool = True
+    # With a ``stamp`` function: share of each batch stamped with the trigger (after
+    # augmentation, as a real trigger is applied) and labelled by the teacher on the clean
+    # augmented image: "hard" (its arg-max, CE) or "soft" (its logits, KD).
+    stamp_fraction: float = 0.5
+    proxy_labels: str = "hard"
     seed: int = 0
 
 
@@ -157,6 +175,24 @@ def _proxy_loss(logits: Tensor, labels: Tensor, t: float) -> Tensor:
     return _kd(logits, labels, t)
 
 
+def augment_batch(x: Tensor, gen: torch.Generator, shift: int = 4, flip: bool = True) -> Tensor:
+    """Random translation by up to ``shift`` px (reflect padding) and horizontal flip."""
+    n, _, h, w = x.shape
+    if shift > 0:
+        padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+        oy = torch.randint(0, 2 * shift + 1, (n,), generator=gen).to(x.device)
+        ox = torch.randint(0, 2 * shift + 1, (n,), generator=gen).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N,1,H,1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N,1,1,W)
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]  # (N, C, H, W)
+    if flip:
+        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
 def _set_bn_mode(model: nn.Module, mode: str) -> None:
     model.train()
     if mode == "eval":
@@ -175,6 +211,8 @@ def finetune(
     progress: ProgressFn | None = None,
     stage: str = "finetune",
     refresh: RefreshFn | None = None,
+    stamp: StampFn | None = None,
+    refresh_stamp: StampRefreshFn | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (in place) towards ``teacher`` on synthetic data, unlearning proxies.
 
@@ -194,6 +232,13 @@ def finetune(
     refresh : callable, optional
         ``refresh(student, epoch) -> (proxy_images, proxy_labels)`` builds new proxies against
         the current student; called every ``config.refresh_every`` epochs.
+    stamp : callable, optional
+        ``stamp(images, generator)``: an input-agnostic proxy trigger. A share
+        (``stamp_fraction``) of every augmented clean batch is stamped on the fly and
+        labelled by the teacher's output on the same clean image (trigger-invariance).
+    refresh_stamp : callable, optional
+        ``refresh_stamp(student, epoch) -> stamp`` replaces ``stamp`` every
+        ``config.refresh_every`` epochs (e.g. the trigger re-inverted on the student).
 
     Returns
     -------
@@ -201,6 +246,8 @@ def finetune(
     """
     if config.bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, not {config.bn_mode!r}")
+    if config.proxy_labels not in ("hard", "soft"):
+        raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
@@ -213,7 +260,14 @@ def finetune(
 
     tr_c, ho_c = split(clean.shape[0])
     clean_tr, clean_ho = clean[tr_c], clean[ho_c]
-    t_logits = _logits(teacher, clean_tr)
+    t_logits = _logits(teacher, clean_tr) if not config.augment else None
+    current_stamp = stamp
+    stamp_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    ho_stamped = ho_stamp_labels = None
+    if stamp is not None and clean_ho.shape[0]:
+        # held-out proxies for the criterion, made once with the first trigger
+        ho_stamped = stamp(clean_ho, torch.Generator(device="cpu").manual_seed(config.seed + 2))
+        ho_stamp_labels = _logits(teacher, clean_ho).argmax(1)
     has_proxy = proxy_images is not None and proxy_labels is not None
     p_img = p_lab = p_ho = p_ho_lab = None
     if has_proxy:
@@ -246,15 +300,22 @@ def finetune(
         m: dict[str, float] = {}
         if clean_ho.shape[0]:
             m["agreement"] = agreement(student, teacher, clean_ho)
+        fixes = []
         if p_ho is not None and p_ho.shape[0]:
             assert p_ho_lab is not None
-            with torch.no_grad():
-                student.eval()
-                m["proxy_fix"] = float(
-                    (_logits(student, p_ho).argmax(1) == p_ho_lab).float().mean()
-                )
+            fixes.append(float((_logits(student, p_ho).argmax(1) == p_ho_lab).float().mean()))
+        if ho_stamped is not None and ho_stamp_labels is not None:
+            fixes.append(
+                float((_logits(student, ho_stamped).argmax(1) == ho_stamp_labels).float().mean())
+            )
+        if fixes:
+            m["proxy_fix"] = sum(fixes) / len(fixes)
         m["score"] = m.get("agreement", 0.0) + m.get("proxy_fix", 0.0)
         return m
+
+    def settle() -> None:
+        if config.final_recalibrate and config.bn_mode == "train":
+            recalibrate_bn(student, clean, batch_size=config.batch_size)
 
     best_state = None
     if config.early_stopping:
@@ -274,6 +335,13 @@ def finetune(
         ):
             new_img, new_lab = refresh(student, epoch)
             p_img, p_lab = new_img.to(device), new_lab.to(device)
+        if (
+            refresh_stamp is not None
+            and config.refresh_every > 0
+            and epoch > 1
+            and ((epoch - 1) % config.refresh_every == 0)
+        ):
+            current_stamp = refresh_stamp(student, epoch)
         _set_bn_mode(student, config.bn_mode)
         order = torch.randperm(clean_tr.shape[0], generator=gen).to(device)
         p_order = (
@@ -282,8 +350,23 @@ def finetune(
         sums = {"kd": 0.0, "proxy": 0.0}
         for i in range(steps_per_epoch):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            loss = config.kd_weight * _kd(student(clean_tr[idx]), t_logits[idx], config.temperature)
+            xb = clean_tr[idx]
+            if config.augment:
+                xb = augment_batch(xb, gen, config.shift, config.flip)
+                with torch.no_grad():
+                    tb = teacher(xb)
+            else:
+                assert t_logits is not None
+                tb = t_logits[idx]
+            loss = config.kd_weight * _kd(student(xb), tb, config.temperature)
             sums["kd"] += float(loss.detach())
+            if current_stamp is not None and config.stamp_fraction > 0:
+                k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
+                xs = current_stamp(xb[:k], stamp_gen)
+                target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
+                sl = config.proxy_weight * _proxy_loss(student(xs), target, config.temperature)
+                sums["proxy"] += float(sl.detach())
+                loss = loss + sl
             if p_img is not None and p_lab is not None and p_order is not None:
                 np_ = p_img.shape[0]
                 j0 = (i * config.batch_size) % np_
@@ -300,6 +383,7 @@ def finetune(
             if progress is not None:
                 progress(stage, step / total)
         sched.step()
+        settle()
         record = {
             "epoch": float(epoch),
             "kd": sums["kd"] / steps_per_epoch,

@@ -3,13 +3,16 @@
 ``purify(model, PurifyConfig, ...) -> PurifyResult`` runs one of :data:`METHODS`:
 
 ``"cnc"``
-    The pipeline our measurements chose (``bench/results/explore-*.md``): ZeroQ synthetic
+    The pipeline our measurements chose (``bench/results/explore-purify.md``): ZeroQ synthetic
     images from the original model; Neural-Cleanse trigger inversion on them (the data-free
-    detection of the target class); Tucker-2 compression; suppression of the rank components
-    that respond to the inverted trigger (rank-level sensitivity); BN recalibration on the
-    synthetic images; fine-tuning by distillation on clean synthetic images plus unlearning on
-    inverted-trigger images labelled with the original's clean prediction, with the trigger
-    re-inverted on the student every few epochs.
+    detection of the target class); **teacher cleaning**: the original model's channels that
+    respond to the inverted trigger far more than to clean synthetic images are zeroed,
+    re-inverting between rounds (the synthetic images carry trigger features from the BN
+    statistics, so distilling the uncleaned model re-teaches the backdoor); Tucker-2
+    compression of the cleaned model; suppression of the rank components that respond to the
+    inverted trigger (rank-level sensitivity); BN recalibration on the synthetic images;
+    fine-tuning by distillation from the cleaned model on clean synthetic images plus
+    unlearning on the inverted trigger stamped on the fly, labelled with the clean prediction.
 ``"cnc-paper"``
     The straightforward reading of Phan et al. (ECCV 2024): ZeroQ data, per-sample PGD
     proxies, compression with spectrum scaling, KD + adversarial CE with BN in train mode.
@@ -35,15 +38,28 @@ from torch import Tensor, nn
 from cnc_core.compress import CompressConfig, CompressResult, compress
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
-from cnc_core.purify.finetune import FinetuneConfig, FinetuneResult, finetune, recalibrate_bn
+from cnc_core.purify.finetune import (
+    FinetuneConfig,
+    FinetuneResult,
+    StampFn,
+    StampRefreshFn,
+    agreement,
+    finetune,
+    recalibrate_bn,
+)
 from cnc_core.purify.proxies import (
     PGDConfig,
     ProxyConfig,
     ProxySet,
     TriggerInversionConfig,
     adversarial_histogram,
+    apply_trigger,
+    chosen_triggers,
     make_proxies,
+    perturbation_stamp,
     predict,
+    trigger_inversion,
+    trigger_stamp,
 )
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
@@ -56,6 +72,10 @@ __all__ = ["KNOBS", "METHODS", "PurifyConfig", "PurifyResult", "purify"]
 
 METHODS = ("cnc", "cnc-paper", "clp", "compress")
 
+#: Teacher cleaning chosen by measurement (explore-purify.md): outliers at 3 MADs, at most
+#: 10% of a layer's channels, plain conv channels included.
+CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
+
 
 @dataclass(frozen=True)
 class PurifyConfig:
@@ -67,10 +87,21 @@ class PurifyConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sensitivity: SensitivityConfig | None = field(default_factory=SensitivityConfig)
+    # Teacher cleaning: before compressing, prune the ORIGINAL model's channels that respond
+    # to the inverted trigger far more than to clean synthetic images (Neural-Cleanse-style
+    # neuron pruning driven by synthetic proxies), re-inverting the trigger between rounds.
+    # Both the compression and the distillation then start from the cleaned model, so KD on
+    # synthetic images (which carry trigger features from the BN statistics) cannot teach the
+    # backdoor back. Needs trigger-inversion proxies (skipped for other kinds). None disables.
+    teacher_cleaning: SensitivityConfig | None = None
+    cleaning_rounds: int = 1
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
+    # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
+    # fly on each clean training batch instead of training on a fixed set of proxy images.
+    online_proxies: bool = True
     detect: bool = True  # PGD class histogram before and after (the detection signal)
     detect_images: int = 256
     detect_pgd: PGDConfig = field(default_factory=lambda: PGDConfig(eps=8 / 255, steps=10))
@@ -84,7 +115,9 @@ class PurifyConfig:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         cc = compress or CompressConfig()
-        synth = SynthesisConfig(num_images=512, batch_size=128, iterations=100, seed=seed)
+        # 1,024 images, 100 Adam steps in batches of 256: ~2 min on 2 idle CPU cores for a
+        # width-16 ResNet-18 (0.33 s a step); batches of 256 cost ~1.2x batches of 128 a step
+        synth = SynthesisConfig(num_images=1024, batch_size=256, iterations=100, seed=seed)
         if method == "cnc-paper":
             return cls(
                 method=method,
@@ -92,7 +125,12 @@ class PurifyConfig:
                 synthesis=synth,
                 proxy=ProxyConfig(kind="pgd", pgd=PGDConfig(eps=8 / 255, steps=10), seed=seed),
                 finetune=FinetuneConfig(
-                    epochs=10, lr=1e-3, bn_mode="train", early_stopping=False, seed=seed
+                    epochs=10,
+                    lr=1e-3,
+                    bn_mode="train",
+                    early_stopping=False,
+                    augment=False,
+                    seed=seed,
                 ),
                 sensitivity=None,
                 seed=seed,
@@ -103,11 +141,14 @@ class PurifyConfig:
             synthesis=synth,
             proxy=ProxyConfig(
                 kind="trigger_inversion",
-                inversion=TriggerInversionConfig(steps=100, images_per_class=24),
+                inversion=TriggerInversionConfig(steps=60, images_per_class=16),
                 seed=seed,
             ),
-            finetune=FinetuneConfig(epochs=10, lr=1e-3, bn_mode="eval", seed=seed),
+            # BN in train mode (frozen BN diverged, explore-purify.md section 3), no
+            # augmentation, 20 epochs with early stopping on the data-free criterion
+            finetune=FinetuneConfig(epochs=20, lr=1e-3, bn_mode="train", patience=5, seed=seed),
             sensitivity=SensitivityConfig(),
+            teacher_cleaning=CLEANING,
             seed=seed,
         )
 
@@ -150,13 +191,26 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "proxy_weight": ("finetune", "proxy_weight"),
     "bn_mode": ("finetune", "bn_mode"),
     "early_stopping": ("finetune", "early_stopping"),
+    "patience": ("finetune", "patience"),
     "sensitivity": ("sensitivity",),  # False/None disables
     "sensitivity_u": ("sensitivity", "u"),
     "sensitivity_action": ("sensitivity", "action"),
+    "cleaning": ("teacher_cleaning",),  # False/None disables
+    "cleaning_u": ("teacher_cleaning", "u"),
+    "cleaning_max_fraction": ("teacher_cleaning", "max_fraction"),
+    "cleaning_rounds": ("cleaning_rounds",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
     "refresh_every": ("refresh_every",),
+    "online_proxies": ("online_proxies",),
+    "augment": ("finetune", "augment"),
+    "shift": ("finetune", "shift"),
+    "flip": ("finetune", "flip"),
+    "stamp_fraction": ("finetune", "stamp_fraction"),
+    "proxy_labels": ("finetune", "proxy_labels"),
+    "optimizer": ("finetune", "optimizer"),
+    "weight_decay": ("finetune", "weight_decay"),
     "detect": ("detect",),
 }
 
@@ -167,18 +221,23 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
             f"unknown purification setting {name!r}; known: {', '.join(sorted(KNOBS))}"
         )
     path = KNOBS[name]
-    if path == ("sensitivity",):
+    if path in (("sensitivity",), ("teacher_cleaning",)):
+        section = path[0]
+        default = CLEANING if section == "teacher_cleaning" else SensitivityConfig()
         if value in (False, None):
-            return dataclasses.replace(config, sensitivity=None)
-        if value is True:
-            return dataclasses.replace(
-                config, sensitivity=config.sensitivity or SensitivityConfig()
-            )
-        raise ValueError("sensitivity takes true or false")
+            chosen: SensitivityConfig | None = None
+        elif value is True:
+            chosen = getattr(config, section) or default
+        else:
+            raise ValueError(f"{name} takes true or false")
+        if section == "teacher_cleaning":
+            return dataclasses.replace(config, teacher_cleaning=chosen)
+        return dataclasses.replace(config, sensitivity=chosen)
 
     def set_in(obj: Any, keys: tuple[str, ...]) -> Any:
         if obj is None and keys:
-            obj = SensitivityConfig()  # a sensitivity sub-knob switches it on
+            # a sub-knob of a disabled section switches it on
+            obj = CLEANING if path[0] == "teacher_cleaning" else SensitivityConfig()
         if len(keys) == 1:
             return dataclasses.replace(obj, **{keys[0]: value})
         return dataclasses.replace(obj, **{keys[0]: set_in(getattr(obj, keys[0]), keys[1:])})
@@ -219,7 +278,13 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
         proxy_work = inv.steps * inv.images_per_class * 10 / 1000
     else:
         proxy_work = config.proxy.pgd.steps * s.num_images / 1000
-    stages += [("proxies", max(proxy_work, 0.1)), ("compress", 0.5)]
+    stages.append(("proxies", max(proxy_work, 0.1)))
+    if config.teacher_cleaning is not None:
+        inv = config.proxy.inversion
+        stages.append(
+            ("cleaning", config.cleaning_rounds * inv.steps * inv.images_per_class / 1000)
+        )
+    stages.append(("compress", 0.5))
     if config.sensitivity is not None:
         stages.append(("sensitivity", 0.2))
     ft = config.finetune
@@ -354,8 +419,16 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
+    kd_teacher = teacher
+    if config.teacher_cleaning is not None and proxies.inversion is not None:
+        with plan.stage("cleaning"):
+            kd_teacher, cleaning = _clean_teacher(
+                teacher, clean, proxies, config, mean, std, num_classes, plan.nested("cleaning")
+            )
+        detection["teacher_cleaning"] = cleaning
+
     with plan.stage("compress"):
-        cres = compress(teacher, config.compress, progress=plan.nested("compress"))
+        cres = compress(kd_teacher, config.compress, progress=plan.nested("compress"))
     student = cres.model.to(device)
     if config.recalibrate:
         recalibrate_bn(student, clean, batch_size=config.finetune.batch_size)
@@ -372,21 +445,39 @@ def purify(
             )
         detection["sensitivity_suppressed"] = sens.num_suppressed
 
-    refresh = None
-    if config.refresh_every > 0:
-        refresh = _refresher(config, clean, proxies, mean, std, num_classes)
     ft_cfg = dataclasses.replace(config.finetune, refresh_every=config.refresh_every)
+    stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
     with plan.stage("finetune"):
-        ft = finetune(
-            student,
-            teacher,
-            clean,
-            proxies.images,
-            proxies.labels,
-            ft_cfg,
-            progress=plan.nested("finetune"),
-            refresh=refresh,
-        )
+        if stamp is not None:
+            # input-agnostic proxies: stamped on the fly on augmented clean batches
+            refresh_stamp = None
+            if config.refresh_every > 0 and proxies.inversion is not None:
+                refresh_stamp = _stamp_refresher(config, clean, proxies, mean, std, num_classes)
+            ft = finetune(
+                student,
+                kd_teacher,
+                clean,
+                None,
+                None,
+                ft_cfg,
+                progress=plan.nested("finetune"),
+                stamp=stamp,
+                refresh_stamp=refresh_stamp,
+            )
+        else:
+            refresh = None
+            if config.refresh_every > 0:
+                refresh = _refresher(config, clean, proxies, mean, std, num_classes)
+            ft = finetune(
+                student,
+                kd_teacher,
+                clean,
+                proxies.images,
+                proxies.labels,
+                ft_cfg,
+                progress=plan.nested("finetune"),
+                refresh=refresh,
+            )
 
     suspected = proxies.suspected_target
     if config.detect:
@@ -418,6 +509,92 @@ def purify(
         sensitivity=sens,
         proxies=proxies,
     )
+
+
+def _clean_teacher(
+    teacher: nn.Module,
+    clean: Tensor,
+    proxies: ProxySet,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    num_classes: int,
+    progress: ProgressFn,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune the trigger-sensitive channels of a copy of ``teacher`` (see PurifyConfig)."""
+    assert config.teacher_cleaning is not None and proxies.inversion is not None
+    cleaned = copy.deepcopy(teacher)
+    inv = proxies.inversion
+    target = inv.suspected_target
+    inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
+    images = proxies.images
+    rounds: list[dict[str, Any]] = []
+    n = max(config.cleaning_rounds, 1)
+    for r in range(n):
+        res = suppress_sensitive_ranks(cleaned, clean, images, config.teacher_cleaning)
+        rec: dict[str, Any] = {"suppressed": res.num_suppressed}
+        # re-invert on the cleaned model: the next round's proxies, and the residual signal
+        gen = torch.Generator(device="cpu").manual_seed(config.seed + 500 + r)
+        new = trigger_inversion(
+            cleaned, clean, inv_cfg, mean=mean, std=std, num_classes=num_classes, generator=gen
+        )
+        rec["target_mask_norm"] = new.mask_norms[0]
+        rec["target_success"] = new.success[0]
+        rounds.append(rec)
+        images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
+        progress("cleaning", (r + 1) / n)
+    return cleaned.eval(), {
+        "rounds": rounds,
+        "agreement_with_original": agreement(cleaned, teacher, clean),
+    }
+
+
+def _stamp_of(
+    config: PurifyConfig,
+    proxies: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> StampFn | None:
+    """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
+    if proxies.inversion is not None:
+        inv = proxies.inversion
+        idx = torch.tensor(
+            chosen_triggers(
+                inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold
+            )
+        )
+        return trigger_stamp(inv.masks[idx], inv.patterns[idx], mean=mean, std=std)
+    if proxies.universal is not None:
+        return perturbation_stamp(proxies.universal, mean=mean, std=std)
+    return None
+
+
+def _stamp_refresher(
+    config: PurifyConfig,
+    clean: Tensor,
+    first: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    num_classes: int,
+) -> StampRefreshFn:
+    """Re-invert the suspected target's trigger on the student; keep every trigger so far."""
+    assert first.inversion is not None
+    inv0 = first.inversion
+    target = inv0.suspected_target
+    j = inv0.classes.index(target)
+    masks, patterns = [inv0.masks[j : j + 1]], [inv0.patterns[j : j + 1]]
+    inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
+
+    def refresh(student: nn.Module, epoch: int) -> StampFn:
+        gen = torch.Generator(device="cpu").manual_seed(config.seed + 1000 + epoch)
+        inv = trigger_inversion(
+            student, clean, inv_cfg, mean=mean, std=std, num_classes=num_classes, generator=gen
+        )
+        masks.append(inv.masks)
+        patterns.append(inv.patterns)
+        return trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
+
+    return refresh
 
 
 def _refresher(

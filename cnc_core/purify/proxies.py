@@ -46,12 +46,15 @@ __all__ = [
     "UniversalConfig",
     "adversarial_histogram",
     "apply_trigger",
+    "chosen_triggers",
     "class_histogram",
     "make_proxies",
     "pgd_attack",
+    "perturbation_stamp",
     "predict",
     "proxies_from_inversion",
     "trigger_inversion",
+    "trigger_stamp",
     "universal_perturbation",
 ]
 
@@ -485,19 +488,10 @@ def proxies_from_inversion(
     ``use`` picks the triggers (see :class:`TriggerInversionConfig`); with several, each image
     gets one at random.
     """
-    if use not in ("suspected", "anomalous", "all"):
-        raise ValueError(f"unknown inversion use {use!r}")
+    chosen = chosen_triggers(inversion, use, anomaly_threshold)
     if num_classes is None:
         num_classes = _num_outputs(model, images)
     clean = predict(model, images)
-    if use == "all":
-        chosen = list(range(len(inversion.classes)))
-    elif use == "anomalous":
-        chosen = [
-            j for j, a in enumerate(inversion.anomaly_indices) if a > anomaly_threshold
-        ] or [inversion.classes.index(inversion.suspected_target)]
-    else:
-        chosen = [inversion.classes.index(inversion.suspected_target)]
     pick = torch.tensor(chosen)[
         torch.randint(0, len(chosen), (images.shape[0],), generator=generator)
     ].to(images.device)
@@ -509,6 +503,57 @@ def proxies_from_inversion(
     # The detection signal of this kind is the inversion itself, not the flip histogram
     out.suspected_target = inversion.suspected_target
     return out
+
+
+def chosen_triggers(
+    inversion: TriggerInversionResult, use: str = "suspected", anomaly_threshold: float = 2.0
+) -> list[int]:
+    """Indices (into ``inversion.classes``) of the triggers ``use`` selects."""
+    if use == "all":
+        return list(range(len(inversion.classes)))
+    if use == "anomalous":
+        return [j for j, a in enumerate(inversion.anomaly_indices) if a > anomaly_threshold] or [
+            inversion.classes.index(inversion.suspected_target)
+        ]
+    if use == "suspected":
+        return [inversion.classes.index(inversion.suspected_target)]
+    raise ValueError(f"unknown inversion use {use!r}")
+
+
+def trigger_stamp(
+    masks: Tensor, patterns: Tensor, *, mean: Norm = 0.0, std: Norm = 1.0
+) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """A ``stamp(images, generator)`` function putting one of ``K`` triggers on each image.
+
+    ``masks`` ``(K, 1, H, W)`` and ``patterns`` ``(K, C, H, W)`` in pixel units; each image
+    gets a trigger drawn at random (with ``generator``).
+    """
+    masks, patterns = masks.detach(), patterns.detach()
+
+    def stamp(images: Tensor, generator: torch.Generator) -> Tensor:
+        pick = torch.randint(0, masks.shape[0], (images.shape[0],), generator=generator)
+        pick = pick.to(masks.device)
+        return apply_trigger(
+            images,
+            masks[pick].to(images.device),
+            patterns[pick].to(images.device),
+            mean=mean,
+            std=std,
+        )
+
+    return stamp
+
+
+def perturbation_stamp(
+    delta: Tensor, *, mean: Norm = 0.0, std: Norm = 1.0
+) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """A ``stamp`` adding a universal perturbation (normalised units), clamped to pixels."""
+
+    def stamp(images: Tensor, generator: torch.Generator) -> Tensor:
+        lo, hi = normalisation_bounds(mean, std, images.shape[1], images.device)
+        return torch.max(torch.min(images + delta.to(images.device), hi), lo)
+
+    return stamp
 
 
 @torch.no_grad()

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from cnc_core.progress import Cancelled
-from cnc_core.purify.finetune import FinetuneConfig, agreement, finetune, recalibrate_bn
+from cnc_core.purify.finetune import (
+    FinetuneConfig,
+    agreement,
+    augment_batch,
+    finetune,
+    recalibrate_bn,
+)
 from tests.core.test_synthesis import tiny_net
 
 
@@ -96,3 +102,37 @@ def test_finetune_cancels_within_one_step() -> None:
             progress=listener,
         )
     assert len(seen) == 2
+
+
+def test_online_stamp_unlearns_a_planted_shortcut() -> None:
+    """Trained with a stamp, the student gives stamped images the teacher's CLEAN label."""
+    teacher = tiny_net(seed=4)
+    student = _damaged_student(teacher)
+    clean = _data(96)
+
+    def stamp(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        out = images.clone()
+        out[:, :, -2:, -2:] = 3.0
+        return out
+
+    cfg = FinetuneConfig(
+        epochs=6, lr=5e-3, batch_size=32, holdout=0.25, patience=6, augment=True, shift=1
+    )
+    res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
+    assert "proxy_fix" in res.history[-1] and res.history[-1]["proxy"] > 0
+    probe = _data(128, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    fixed = (student(stamp(probe, gen)).argmax(1) == teacher(probe).argmax(1)).float().mean()
+    before = (teacher(stamp(probe, gen)).argmax(1) == teacher(probe).argmax(1)).float().mean()
+    assert fixed > 0.5 and fixed > before
+
+
+def test_augment_batch_shifts_and_flips() -> None:
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(x, g, shift=0, flip=False), x)
+    flipped = augment_batch(x, torch.Generator().manual_seed(1), shift=0, flip=True)
+    pairs = zip(flipped, x, strict=True)
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in pairs)
+    shifted = augment_batch(x, g, shift=2, flip=False)
+    assert shifted.shape == x.shape and not torch.equal(shifted, x)

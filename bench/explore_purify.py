@@ -1,0 +1,221 @@
+"""Research runs for data-free backdoor removal on the zoo models (CPU-sized).
+
+One run = one pipeline variant on one zoo model at one ratio, through the real
+``cnc_core.purify.pipeline.purify``; synthetic images and the trigger inversion of the
+ORIGINAL model are cached under ``bench/.cache/explore/`` so variants of the later stages are
+cheap. ACC/ASR are measured on the first ``--eval-n`` Fashion-MNIST test images (clean) and
+triggered test images. Each run appends one JSON line to ``bench/results/explore-log.jsonl``.
+
+Example::
+
+    .venv/bin/python bench/explore_purify.py --attack badnet --ratio 3 \\
+        --set epochs=10 --set sensitivity=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.zoo import eval_sets, find_zoo_model, load_zoo_model  # noqa: E402
+from cnc_core.compress import CompressConfig  # noqa: E402
+from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
+from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+from cnc_core.purify.proxies import (  # noqa: E402
+    TriggerInversionResult,
+    make_proxies,
+    proxies_from_inversion,
+)
+from cnc_core.purify.synthesis import synthesize  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "explore"
+LOG = Path(__file__).resolve().parent / "results" / "explore-log.jsonl"
+
+
+def model_key(attack: str, mode: str) -> str:
+    """Cache key of a zoo model: its name and the first bytes of its weights' SHA-256, so a
+    retrained model never reuses another model's synthetic images."""
+    found = find_zoo_model(attack, mode, 16)
+    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()[:8] if found else "none"
+    return f"{attack}-{mode}-{digest}"
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _synthetic(model: torch.nn.Module, cfg: PurifyConfig, key: str) -> torch.Tensor:
+    s = cfg.synthesis
+    path = CACHE / (
+        f"{key}-synth-n{s.num_images}-it{s.iterations}-cw{s.class_weight}-{s.statistics}"
+        f"-s{s.seed}.pt"
+    )
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    x = synthesize(model, s, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(x, path)
+    return x
+
+
+def _inversion(
+    model: torch.nn.Module, images: torch.Tensor, cfg: PurifyConfig, key: str, synth_key: str
+) -> TriggerInversionResult:
+    inv = cfg.proxy.inversion
+    path = CACHE / (
+        f"{key}-inv-{synth_key}-st{inv.steps}-l1{inv.l1_weight}-ipc"
+        f"{inv.images_per_class}-lr{inv.lr}-s{cfg.proxy.seed}.pt"
+    )
+    if path.exists():
+        d = torch.load(path, weights_only=True)
+        return TriggerInversionResult(**d)
+    ps = make_proxies(model, images, cfg.proxy, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    assert ps.inversion is not None
+    torch.save(dataclasses.asdict(ps.inversion), path)
+    return ps.inversion
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--mode", default="all2one")
+    p.add_argument("--method", default="cnc")
+    p.add_argument("--ratio", type=float, default=3.0)
+    p.add_argument("--eval-n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], help="purify knob=value (repeatable)")
+    p.add_argument("--compress", action="append", default=[], help="CompressConfig field=value")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, _meta = load_zoo_model(args.attack, args.mode, 16)
+    knobs = {}
+    for item in args.set:
+        k, _, v = item.partition("=")
+        knobs[k] = _parse_value(v)
+    cc_kwargs = {}
+    for item in args.compress:
+        k, _, v = item.partition("=")
+        cc_kwargs[k] = _parse_value(v)
+    cc = CompressConfig(ratio=args.ratio, **cc_kwargs)
+    cfg = PurifyConfig.from_knobs(method=args.method, compress=cc, seed=args.seed, knobs=knobs)
+    key = model_key(args.attack, args.mode)
+    t0 = time.perf_counter()
+    synth = proxies = None
+    if args.method.startswith("cnc"):
+        synth = _synthetic(model, cfg, key)
+        s = cfg.synthesis
+        synth_key = f"n{s.num_images}-it{s.iterations}-cw{s.class_weight}-s{s.seed}"
+        if cfg.proxy.kind == "trigger_inversion":
+            inv = _inversion(model, synth, cfg, key, synth_key)
+            gen = torch.Generator().manual_seed(cfg.proxy.seed)
+            proxies = proxies_from_inversion(
+                model,
+                synth,
+                inv,
+                use=cfg.proxy.inversion.use,
+                anomaly_threshold=cfg.proxy.inversion.anomaly_threshold,
+                mean=FASHION_MNIST_MEAN,
+                std=FASHION_MNIST_STD,
+                generator=gen,
+            )
+    t_cache = time.perf_counter() - t0
+    res = purify(
+        model,
+        cfg,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        input_shape=(3, 32, 32),
+        synthetic=synth,
+        proxies=proxies,
+    )
+    t_total = time.perf_counter() - t0
+
+    sets = eval_sets(args.attack, args.mode)
+    clean = sets["clean"]
+    assert clean is not None
+    xc, yc = clean[0][: args.eval_n], clean[1][: args.eval_n]
+    ms = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    out: dict[str, Any] = {
+        "attack": key,
+        "method": args.method,
+        "ratio": args.ratio,
+        "knobs": knobs,
+        "compress": cc_kwargs,
+        "tag": args.tag,
+        "eval_n": args.eval_n,
+        "acc_before": accuracy(model, xc, yc, **ms),
+        "acc": accuracy(res.model, xc, yc, **ms),
+    }
+    if sets["poisoned"] is not None:
+        xp, yp = sets["poisoned"][0][: args.eval_n], sets["poisoned"][1][: args.eval_n]
+        out["asr_before"] = attack_success_rate(model, xp, yp, **ms)
+        out["asr"] = attack_success_rate(res.model, xp, yp, **ms)
+    det = res.detection
+    out["suspected_target"] = res.suspected_target
+    if "trigger_inversion" in det:
+        out["anomaly_index"] = round(det["trigger_inversion"]["anomaly_index"], 2)
+        out["mask_norms"] = [round(v, 1) for v in det["trigger_inversion"]["mask_norms"]]
+    out["pgd_before"] = det.get("pgd_before")
+    out["pgd_after"] = det.get("pgd_after")
+    out["inv_after_share"] = det.get("inverted_trigger_after_share")
+    out["suppressed"] = det.get("sensitivity_suppressed")
+    if res.finetune is not None:
+        out["best_epoch"] = res.finetune.best_epoch
+        out["history"] = [{k: round(v, 3) for k, v in h.items()} for h in res.finetune.history]
+    out["params"] = (
+        (res.compress.params_before, res.compress.params_after) if res.compress else None
+    )
+    out["timings"] = {k: round(v, 1) for k, v in res.timings.items()}
+    out["cache_s"], out["total_s"] = round(t_cache, 1), round(t_total, 1)
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as fh:
+        fh.write(json.dumps(out) + "\n")
+    short = {
+        k: out.get(k)
+        for k in (
+            "attack",
+            "method",
+            "ratio",
+            "knobs",
+            "acc_before",
+            "acc",
+            "asr_before",
+            "asr",
+            "suspected_target",
+            "anomaly_index",
+            "suppressed",
+            "best_epoch",
+            "total_s",
+        )
+    }
+    print(json.dumps(short))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
