@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved_latency, machine  # noqa: E402
 from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
+from cnc_core.cli import parse_knob  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
@@ -290,13 +291,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder with the Fashion-MNIST idx .gz files")
     args = parser.parse_args()
-    args.knobs = {}
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        try:
-            args.knobs[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            args.knobs[key] = raw
+    args.knobs = dict(parse_knob(item) for item in args.set)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()

@@ -118,14 +118,20 @@ def _knobs(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "t_scale", None) is not None:
         knobs["t_scale"] = args.t_scale
     for item in getattr(args, "set", []):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            knobs[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            knobs[key] = raw
+        key, value = parse_knob(item)
+        knobs[key] = value
     return knobs
+
+
+def parse_knob(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON value (a bare word stays a string)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 class _Bar:
