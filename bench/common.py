@@ -48,12 +48,18 @@ def interleaved_latency(
     device: torch.device,
     repeats: int,
     warmup: int = 3,
+    channels_last: bool = False,
 ) -> list[float]:
     """Median forward time (ms) of each model, timed round-robin so that machine noise
-    falls on all of them alike: the ratios are measured side by side."""
+    falls on all of them alike: the ratios are measured side by side. ``channels_last``
+    runs every model (weights and input) in NHWC memory format, as a deployment would."""
     x = torch.randn(batch_size, *input_shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for model in models:
         model.eval().to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         for _ in range(warmup):
             model(x)
     times: list[list[float]] = [[] for _ in models]

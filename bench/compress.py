@@ -40,6 +40,7 @@ def run(
     allocation: str,
     shares: list[float],
     onnx: bool = True,
+    channels_last: bool = False,
 ) -> dict:
     rows = []
     shape = (3, 32, 32)
@@ -55,7 +56,10 @@ def run(
             compact[(ratio, share)] = (result.model.eval(), time.perf_counter() - t0)
         models = [original] + [compact[v][0] for v in variants]
         latencies = {
-            b: interleaved_latency(models, shape, batch_size=b, device=device, repeats=repeats)
+            b: interleaved_latency(
+                models, shape, batch_size=b, device=device, repeats=repeats,
+                channels_last=channels_last,
+            )
             for b in batches
         }
         onnx_latencies: dict[int, list[float]] = {}
@@ -96,6 +100,7 @@ def run(
         "device": str(device),
         "allocation": allocation,
         "repeats": repeats,
+        "channels_last": channels_last,
         "load_average": list(os.getloadavg()),
         "rows": rows,
     }
@@ -111,10 +116,13 @@ def to_markdown(data: dict, batches: list[int]) -> str:
         f"torch {m['torch']} ({m['torch_threads']} threads); device {data['device']}; "
         f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs; "
         f"load average at start {data.get('load_average', ['?'])[0]}.",
-        "torch: eager PyTorch on the device; ORT: the exported ONNX model in ONNX Runtime "
+        ("torch: eager PyTorch in channels_last (NHWC) memory format; " if data.get("channels_last")
+         else "torch: eager PyTorch on the device; ")
+        + "ORT: the exported ONNX model in ONNX Runtime "
         "(CPU, 2 intra-op threads).",
         "Command: `.venv/bin/python bench/compress.py"
         + (" --device cuda" if data["device"].startswith("cuda") else "")
+        + (" --channels-last" if data.get("channels_last") else "")
         + "`",
         "",
         "| width | target | min_layer_share | params | param ratio | MACs | MAC ratio | "
@@ -166,6 +174,8 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix for the results file names")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime timings")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="time eager torch in NHWC memory format (both models)")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = run(
