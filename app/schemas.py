@@ -22,7 +22,12 @@ class JobOptions(BaseModel):
     num_classes: int = Field(ge=2, le=100_000)
     in_chans: int = Field(3, ge=1, le=64)
     input_size: int = Field(32, ge=8, le=1024, description="Square input side, pixels")
-    width: int = Field(64, ge=1, le=4096, description="Stem channel width (64: standard)")
+    width: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Channel width; null means the architecture's standard width (64 for ResNets)",
+    )
     mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=64)
     std: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=64)
     method: str = Field("cnc", description=f"One of {', '.join(METHODS)}")

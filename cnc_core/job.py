@@ -223,7 +223,7 @@ def run_job(
         artifacts["plots/spectra.png"] = plot_spectra(decisions, plots / "spectra.png")
         headline = {
             "method": config.method,
-            "arch": f"{config.arch} (width {config.width})",
+            "arch": f"{config.arch} (width {config.width or 'default'})",
             "params": f"{metrics['before']['params']:,} -> {metrics['after']['params']:,}",
             **{k: v for k, v in metrics["ratios"].items()},
             "device": describe_device(device),

@@ -294,3 +294,13 @@ def test_readyz_reports_a_dead_broker(settings, engine):
     assert r.status_code == 503
     assert r.json()["checks"]["database"] == "ok"
     assert r.json()["checks"]["broker"].startswith("error")
+
+
+def test_width_defaults_to_the_architecture_standard(client, make_key):
+    key = make_key()
+    model_id = upload(client, key)
+    body = spec(model_id)
+    body.pop("width", None)
+    r = client.post("/v1/jobs", json=body, headers=bearer(key))
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["width"] is None  # the worker builds the registry default
