@@ -39,6 +39,7 @@ def run(
     repeats: int,
     allocation: str,
     shares: list[float],
+    multiples: list[int] = [1],  # noqa: B006 - read only
     onnx: bool = True,
     channels_last: bool = False,
 ) -> dict:
@@ -47,13 +48,15 @@ def run(
     for width in widths:
         torch.manual_seed(0)
         original = create_model("resnet18", num_classes=10, width=width).eval()
-        variants = [(r, s) for r in ratios for s in shares]
+        variants = [(r, s, k) for r in ratios for s in shares for k in multiples]
         compact = {}
-        for ratio, share in variants:
+        for ratio, share, multiple in variants:
             t0 = time.perf_counter()
-            config = CompressConfig(ratio=ratio, allocation=allocation, min_layer_share=share)
+            config = CompressConfig(
+                ratio=ratio, allocation=allocation, min_layer_share=share, rank_multiple=multiple
+            )
             result = compress(original, config)
-            compact[(ratio, share)] = (result.model.eval(), time.perf_counter() - t0)
+            compact[(ratio, share, multiple)] = (result.model.eval(), time.perf_counter() - t0)
         models = [original] + [compact[v][0] for v in variants]
         latencies = {
             b: interleaved_latency(
@@ -74,18 +77,19 @@ def run(
                     for b in batches
                 }
         p0, m0 = count_params(original), count_macs(original, shape)
-        for i, (ratio, share) in enumerate([(1.0, 0.0)] + variants):
+        for i, (ratio, share, multiple) in enumerate([(1.0, 0.0, 1)] + variants):
             model = models[i]
             params, macs = count_params(model), count_macs(model, shape)
             row = {
                 "width": width,
                 "target_ratio": ratio,
                 "min_layer_share": share,
+                "rank_multiple": multiple,
                 "params": params,
                 "param_ratio": p0 / params,
                 "macs": macs,
                 "mac_ratio": m0 / macs,
-                "compress_s": compact[(ratio, share)][1] if i else 0.0,
+                "compress_s": compact[(ratio, share, multiple)][1] if i else 0.0,
             }
             for b in batches:
                 row[f"latency_b{b}_ms"] = latencies[b][i]
@@ -125,13 +129,14 @@ def to_markdown(data: dict, batches: list[int]) -> str:
         + (" --channels-last" if data.get("channels_last") else "")
         + "`",
         "",
-        "| width | target | min_layer_share | params | param ratio | MACs | MAC ratio | "
+        "| width | target | min_layer_share | rank multiple | params | param ratio | MACs | "
+        "MAC ratio | "
         + " | ".join(f"torch b{b} ms (speed-up)" for b in batches)
         + (" | " + " | ".join(f"ORT b{b} ms (speed-up)" for b in batches) if onnx else "")
         + f" | torch speed-up / MAC ratio (b{batches[-1]})"
         + (f" | ORT speed-up / MAC ratio (b{batches[-1]})" if onnx else "")
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(batches) * (2 if onnx else 1)
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(batches) * (2 if onnx else 1)
         + ("---|---|" if onnx else "---|"),
     ]
     for r in data["rows"]:
@@ -139,6 +144,7 @@ def to_markdown(data: dict, batches: list[int]) -> str:
             str(r["width"]),
             "original" if r["target_ratio"] == 1.0 else f"{r['target_ratio']:g}x",
             "-" if r["target_ratio"] == 1.0 else f"{r['min_layer_share']:g}",
+            "-" if r["target_ratio"] == 1.0 else str(r.get("rank_multiple", 1)),
             f"{r['params']:,}",
             f"{r['param_ratio']:.2f}x",
             f"{r['macs'] / 1e6:,.1f}M",
@@ -172,6 +178,13 @@ def main() -> None:
         default=[0.0, 0.05],
         help="min_layer_share values to compare side by side",
     )
+    parser.add_argument(
+        "--rank-multiples",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="rank_multiple values to compare side by side",
+    )
     parser.add_argument("--tag", default="", help="suffix for the results file names")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime timings")
     parser.add_argument("--channels-last", action="store_true",
@@ -179,7 +192,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     data = run(
-        args.widths, args.ratios, args.batches, device, args.repeats, args.allocation, args.shares
+        args.widths,
+        args.ratios,
+        args.batches,
+        device,
+        args.repeats,
+        args.allocation,
+        args.shares,
+        args.rank_multiples,
+        onnx=not args.no_onnx,
+        channels_last=args.channels_last,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"compress-{device.type}{args.tag}"

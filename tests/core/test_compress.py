@@ -196,3 +196,18 @@ def test_min_layer_share_keeps_small_layers_dense_and_still_meets_the_budget() -
     assert result.achieved_ratio >= 3
     with pytest.raises(CompressionError, match="min_layer_share"):
         CompressConfig(min_layer_share=1.5).validate()
+
+
+def test_rank_multiple_aligns_every_factorised_rank_and_still_meets_the_budget() -> None:
+    model = _model("resnet18", width=8)
+    result = compress(model, CompressConfig(ratio=3, rank_multiple=8))
+    factorised = [d for d in result.decisions if d.kind in ("tucker2", "svd")]
+    assert factorised
+    for d in factorised:
+        for rank, full in zip(d.ranks, d.full_ranks, strict=True):
+            assert rank % 8 == 0 or rank == full, (d.name, d.ranks, d.full_ranks)
+    assert result.achieved_ratio >= 3
+    plain = compress(model, CompressConfig(ratio=3))
+    assert any(d.ranks[0] % 8 for d in plain.decisions if d.kind == "tucker2")
+    with pytest.raises(CompressionError, match="rank_multiple"):
+        CompressConfig(rank_multiple=0).validate()
