@@ -57,6 +57,11 @@ class FinetuneConfig:
     temperature: float = 4.0  # KD temperature
     kd_weight: float = 1.0
     proxy_weight: float = 1.0
+    # Feature distillation: MSE between student and teacher outputs of every BN layer the two
+    # share by name (same shapes: surgery replaces convs, never BNs), each normalised by the
+    # teacher's mean square. Dense, per-pixel supervision from each synthetic image, where the
+    # logits give ten numbers; 0 turns it off.
+    feature_weight: float = 0.0
     bn_mode: str = "eval"
     recalibrate: bool = True  # recalibrate BN statistics on the synthetic images first
     # ... and once more at the end: with bn_mode "train" the running statistics drift with
@@ -167,6 +172,53 @@ def _kd(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
         reduction="batchmean",
         log_target=True,
     ) * (t * t)
+
+
+class _BNTaps:
+    """Forward hooks collecting the outputs of the BN layers that two models share by name."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        t_bns = dict(_named_bns(teacher))
+        self.names = [n for n, _ in _named_bns(student) if n in t_bns]
+        self.student: dict[str, Tensor] = {}
+        self.teacher: dict[str, Tensor] = {}
+        s_bns = dict(_named_bns(student))
+        self._handles = [
+            s_bns[n].register_forward_hook(self._keep(self.student, n)) for n in self.names
+        ] + [t_bns[n].register_forward_hook(self._keep(self.teacher, n)) for n in self.names]
+        self.active = False
+
+    def _keep(self, store: dict[str, Tensor], name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: object, out: Tensor) -> None:
+            if self.active:
+                store[name] = out
+
+        return hook
+
+    def loss(self) -> Tensor:
+        """Mean over layers of MSE(student, teacher) / mean(teacher^2), then cleared."""
+        terms = []
+        for n in self.names:
+            s, t = self.student.get(n), self.teacher.get(n)
+            if s is None or t is None or s.shape != t.shape:
+                continue
+            t = t.detach()
+            terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8))
+        self.student.clear()
+        self.teacher.clear()
+        if not terms:
+            raise ValueError("feature distillation found no BN layer shared by name and shape")
+        return torch.stack(terms).mean()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _named_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 def _proxy_loss(logits: Tensor, labels: Tensor, t: float) -> Tensor:
@@ -325,82 +377,96 @@ def finetune(
         best_state = copy.deepcopy(student.state_dict())
     bad = 0
     step = 0
-    for epoch in range(1, config.epochs + 1):
-        if (
-            has_proxy
-            and refresh is not None
-            and config.refresh_every > 0
-            and epoch > 1
-            and ((epoch - 1) % config.refresh_every == 0)
-        ):
-            new_img, new_lab = refresh(student, epoch)
-            p_img, p_lab = new_img.to(device), new_lab.to(device)
-        if (
-            refresh_stamp is not None
-            and config.refresh_every > 0
-            and epoch > 1
-            and ((epoch - 1) % config.refresh_every == 0)
-        ):
-            current_stamp = refresh_stamp(student, epoch)
-        _set_bn_mode(student, config.bn_mode)
-        order = torch.randperm(clean_tr.shape[0], generator=gen).to(device)
-        p_order = (
-            torch.randperm(p_img.shape[0], generator=gen).to(device) if p_img is not None else None
-        )
-        sums = {"kd": 0.0, "proxy": 0.0}
-        for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            xb = clean_tr[idx]
-            if config.augment:
-                xb = augment_batch(xb, gen, config.shift, config.flip)
-                with torch.no_grad():
-                    tb = teacher(xb)
-            else:
-                assert t_logits is not None
-                tb = t_logits[idx]
-            loss = config.kd_weight * _kd(student(xb), tb, config.temperature)
-            sums["kd"] += float(loss.detach())
-            if current_stamp is not None and config.stamp_fraction > 0:
-                k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
-                xs = current_stamp(xb[:k], stamp_gen)
-                target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
-                sl = config.proxy_weight * _proxy_loss(student(xs), target, config.temperature)
-                sums["proxy"] += float(sl.detach())
-                loss = loss + sl
-            if p_img is not None and p_lab is not None and p_order is not None:
-                np_ = p_img.shape[0]
-                j0 = (i * config.batch_size) % np_
-                pidx = p_order[j0 : j0 + config.batch_size]
-                pl = config.proxy_weight * _proxy_loss(
-                    student(p_img[pidx]), p_lab[pidx], config.temperature
-                )
-                sums["proxy"] += float(pl.detach())
-                loss = loss + pl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if progress is not None:
-                progress(stage, step / total)
-        sched.step()
-        settle()
-        record = {
-            "epoch": float(epoch),
-            "kd": sums["kd"] / steps_per_epoch,
-            "proxy": sums["proxy"] / steps_per_epoch,
-        }
-        if config.early_stopping:
-            record.update(evaluate())
-            if record["score"] > result.best_score + 1e-9:
-                result.best_score, result.best_epoch = record["score"], epoch
-                best_state = copy.deepcopy(student.state_dict())
-                bad = 0
-            else:
-                bad += 1
-        result.history.append(record)
-        if config.early_stopping and bad >= config.patience:
-            result.stopped_early = True
-            break
+    taps = _BNTaps(student, teacher) if config.feature_weight > 0 else None
+    try:
+        for epoch in range(1, config.epochs + 1):
+            if (
+                has_proxy
+                and refresh is not None
+                and config.refresh_every > 0
+                and epoch > 1
+                and ((epoch - 1) % config.refresh_every == 0)
+            ):
+                new_img, new_lab = refresh(student, epoch)
+                p_img, p_lab = new_img.to(device), new_lab.to(device)
+            if (
+                refresh_stamp is not None
+                and config.refresh_every > 0
+                and epoch > 1
+                and ((epoch - 1) % config.refresh_every == 0)
+            ):
+                current_stamp = refresh_stamp(student, epoch)
+            _set_bn_mode(student, config.bn_mode)
+            order = torch.randperm(clean_tr.shape[0], generator=gen).to(device)
+            p_order = None
+            if p_img is not None:
+                p_order = torch.randperm(p_img.shape[0], generator=gen).to(device)
+            sums = {"kd": 0.0, "proxy": 0.0, "feature": 0.0}
+            for i in range(steps_per_epoch):
+                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                xb = clean_tr[idx]
+                if config.augment:
+                    xb = augment_batch(xb, gen, config.shift, config.flip)
+                if taps is not None:
+                    taps.active = True
+                if config.augment or taps is not None:
+                    with torch.no_grad():
+                        tb = teacher(xb)
+                else:
+                    assert t_logits is not None
+                    tb = t_logits[idx]
+                loss = config.kd_weight * _kd(student(xb), tb, config.temperature)
+                sums["kd"] += float(loss.detach())
+                if taps is not None:
+                    taps.active = False
+                    fl = config.feature_weight * taps.loss()
+                    sums["feature"] += float(fl.detach())
+                    loss = loss + fl
+                if current_stamp is not None and config.stamp_fraction > 0:
+                    k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
+                    xs = current_stamp(xb[:k], stamp_gen)
+                    target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
+                    sl = config.proxy_weight * _proxy_loss(student(xs), target, config.temperature)
+                    sums["proxy"] += float(sl.detach())
+                    loss = loss + sl
+                if p_img is not None and p_lab is not None and p_order is not None:
+                    np_ = p_img.shape[0]
+                    j0 = (i * config.batch_size) % np_
+                    pidx = p_order[j0 : j0 + config.batch_size]
+                    pl = config.proxy_weight * _proxy_loss(
+                        student(p_img[pidx]), p_lab[pidx], config.temperature
+                    )
+                    sums["proxy"] += float(pl.detach())
+                    loss = loss + pl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if progress is not None:
+                    progress(stage, step / total)
+            sched.step()
+            settle()
+            record = {
+                "epoch": float(epoch),
+                "kd": sums["kd"] / steps_per_epoch,
+                "proxy": sums["proxy"] / steps_per_epoch,
+                "feature": sums["feature"] / steps_per_epoch,
+            }
+            if config.early_stopping:
+                record.update(evaluate())
+                if record["score"] > result.best_score + 1e-9:
+                    result.best_score, result.best_epoch = record["score"], epoch
+                    best_state = copy.deepcopy(student.state_dict())
+                    bad = 0
+                else:
+                    bad += 1
+            result.history.append(record)
+            if config.early_stopping and bad >= config.patience:
+                result.stopped_early = True
+                break
+    finally:
+        if taps is not None:
+            taps.close()
     if best_state is not None:
         student.load_state_dict(best_state)
     student.eval()

@@ -136,3 +136,41 @@ def test_augment_batch_shifts_and_flips() -> None:
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in pairs)
     shifted = augment_batch(x, g, shift=2, flip=False)
     assert shifted.shape == x.shape and not torch.equal(shifted, x)
+
+
+def test_feature_distillation_matches_bn_outputs_and_removes_its_hooks() -> None:
+    teacher = tiny_net(seed=3)
+    clean = _data(128)
+    probe = _data(64, seed=11)
+
+    def feature_gap(student: nn.Module) -> float:
+        gaps = []
+        taps: dict[str, list[torch.Tensor]] = {}
+        handles = [
+            m.register_forward_hook(lambda _m, _i, o, n=n: taps.setdefault(n, []).append(o))
+            for model in (student, teacher)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+        with torch.no_grad():
+            student.eval()
+            teacher.eval()
+            student(probe)
+            teacher(probe)
+        for h in handles:
+            h.remove()
+        for s_out, t_out in taps.values():
+            gaps.append(float((s_out - t_out).pow(2).mean() / t_out.pow(2).mean()))
+        return sum(gaps) / len(gaps)
+
+    cfg = FinetuneConfig(epochs=6, lr=5e-3, batch_size=32, early_stopping=False)
+    plain, feat = _damaged_student(teacher), _damaged_student(teacher)
+    finetune(plain, teacher, clean, None, None, cfg)
+    res = finetune(
+        feat, teacher, clean, None, None, FinetuneConfig(**{**cfg.__dict__, "feature_weight": 5.0})
+    )
+    assert res.history[-1]["feature"] > 0
+    assert feature_gap(feat) < feature_gap(plain)
+    # every hook is gone: the teacher and student run without collecting anything
+    assert not any(m._forward_hooks for m in teacher.modules())
+    assert not any(m._forward_hooks for m in feat.modules())
