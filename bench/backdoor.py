@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved_latency, machine  # noqa: E402
 from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
-from cnc_core.compress import CompressConfig  # noqa: E402
+from cnc_core.compress import split_compress_knobs  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
@@ -54,9 +54,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def _config(method: str, ratio: float, seed: int, knobs: dict[str, Any]) -> PurifyConfig:
-    compress_fields = {f.name for f in dataclasses.fields(CompressConfig)}
-    cc_kwargs = {k: v for k, v in knobs.items() if k in compress_fields}
-    rest = {k: v for k, v in knobs.items() if k not in compress_fields}
+    cc_kwargs, rest = split_compress_knobs(knobs)
     base = PurifyConfig.for_method(method, seed=seed).compress
     cc = dataclasses.replace(base, ratio=ratio, **cc_kwargs)
     return PurifyConfig.from_knobs(method=method, compress=cc, seed=seed, knobs=rest)

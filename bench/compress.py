@@ -124,9 +124,13 @@ def to_markdown(data: dict, batches: list[int]) -> str:
          else "torch: eager PyTorch on the device; ")
         + "ORT: the exported ONNX model in ONNX Runtime "
         "(CPU, 2 intra-op threads).",
-        "Command: `.venv/bin/python bench/compress.py"
-        + (" --device cuda" if data["device"].startswith("cuda") else "")
-        + (" --channels-last" if data.get("channels_last") else "")
+        "Command: `"
+        + data.get(
+            "command",
+            ".venv/bin/python bench/compress.py"
+            + (" --device cuda" if data["device"].startswith("cuda") else "")
+            + (" --channels-last" if data.get("channels_last") else ""),
+        )
         + "`",
         "",
         "| width | target | min_layer_share | rank multiple | params | param ratio | MACs | "
@@ -203,6 +207,7 @@ def main() -> None:
         onnx=not args.no_onnx,
         channels_last=args.channels_last,
     )
+    data["command"] = ".venv/bin/python bench/compress.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"compress-{device.type}{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -83,6 +84,19 @@ class CompressConfig:
             raise CompressionError(f"min_layer_share must be in [0, 1), got {self.min_layer_share}")
         if not 1 <= self.rank_multiple <= 1024:
             raise CompressionError(f"rank_multiple must be in [1, 1024], got {self.rank_multiple}")
+
+
+def split_compress_knobs(knobs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat knobs into :class:`CompressConfig` keyword arguments and the rest.
+
+    ``ratio`` and ``param_budget`` are not knobs (the caller sets the target); a JSON list
+    for ``exclude`` becomes the tuple the frozen config needs.
+    """
+    names = {f.name for f in fields(CompressConfig)} - {"ratio", "param_budget"}
+    cc = {k: v for k, v in knobs.items() if k in names}
+    if "exclude" in cc:
+        cc["exclude"] = tuple(cc["exclude"])
+    return cc, {k: v for k, v in knobs.items() if k not in names}
 
 
 @dataclass

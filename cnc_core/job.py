@@ -9,14 +9,14 @@ service can store it as JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cnc_core import __version__
-from cnc_core.compress import CompressConfig, compress
+from cnc_core.compress import CompressConfig, compress, split_compress_knobs
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
 from cnc_core.metrics import measure_latency, model_stats
@@ -108,12 +108,9 @@ def describe_device(device: torch.device) -> str:
 
 def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], dict[str, Any]]:
     """Split ``config.advanced`` into a CompressConfig, purification knobs and job knobs."""
-    compress_fields = {f.name for f in fields(CompressConfig)} - {"ratio", "param_budget"}
     knobs = dict(config.advanced)
     job_knobs = {k: knobs.pop(k, v) for k, v in JOB_KNOBS.items()}
-    compress_kwargs = {k: knobs.pop(k) for k in list(knobs) if k in compress_fields}
-    if "exclude" in compress_kwargs:
-        compress_kwargs["exclude"] = tuple(compress_kwargs["exclude"])
+    compress_kwargs, knobs = split_compress_knobs(knobs)
     cc = CompressConfig(ratio=config.ratio, **compress_kwargs)
     return cc, knobs, job_knobs
 

@@ -307,6 +307,34 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     return stages
 
 
+
+def _pgd_detection(
+    model: nn.Module,
+    probe: Tensor,
+    when: str,
+    config: PurifyConfig,
+    detection: dict[str, Any],
+    plan: StagePlan,
+    *,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> None:
+    """Stage ``detect_{when}``: the class histogram of PGD proxies on ``model``, into
+    ``detection`` (``histograms.adversarial_{when}`` and ``pgd_{when}``)."""
+    stage = f"detect_{when}"
+    with plan.stage(stage):
+        hist, top, share = adversarial_histogram(
+            model,
+            probe,
+            config.detect_pgd,
+            mean=mean,
+            std=std,
+            seed=config.seed,
+            progress=plan.nested(stage),
+        )
+    detection["histograms"][f"adversarial_{when}"] = hist
+    detection[f"pgd_{when}"] = {"suspected_target": top, "share": share}
+
 def purify(
     model: nn.Module,
     config: PurifyConfig,
@@ -387,18 +415,7 @@ def purify(
         num_classes = int(teacher(clean[:1]).shape[1])
     probe = clean[: config.detect_images]
     if config.detect:
-        with plan.stage("detect_before"):
-            hist, top, share = adversarial_histogram(
-                teacher,
-                probe,
-                config.detect_pgd,
-                mean=mean,
-                std=std,
-                seed=config.seed,
-                progress=plan.nested("detect_before"),
-            )
-        detection["histograms"]["adversarial_before"] = hist
-        detection["pgd_before"] = {"suspected_target": top, "share": share}
+        _pgd_detection(teacher, probe, "before", config, detection, plan, mean=mean, std=std)
 
     with plan.stage("proxies"):
         proxies = (
@@ -494,18 +511,7 @@ def purify(
 
     suspected = proxies.suspected_target
     if config.detect:
-        with plan.stage("detect_after"):
-            hist, top, share = adversarial_histogram(
-                student,
-                probe,
-                config.detect_pgd,
-                mean=mean,
-                std=std,
-                seed=config.seed,
-                progress=plan.nested("detect_after"),
-            )
-        detection["histograms"]["adversarial_after"] = hist
-        detection["pgd_after"] = {"suspected_target": top, "share": share}
+        _pgd_detection(student, probe, "after", config, detection, plan, mean=mean, std=std)
         if proxies.inversion is not None:
             still = predict(student, proxies.images)
             detection["inverted_trigger_after_share"] = float(
