@@ -39,7 +39,7 @@ def run(
     repeats: int,
     allocation: str,
     shares: list[float],
-    multiples: list[int] = [1],  # noqa: B006 - read only
+    multiples: tuple[int, ...] | list[int] = (1,),
     onnx: bool = True,
     channels_last: bool = False,
 ) -> dict:

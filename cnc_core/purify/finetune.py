@@ -95,8 +95,14 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
+def _named_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for _, m in _named_bns(model)]
 
 
 @torch.no_grad()
@@ -178,11 +184,10 @@ class _BNTaps:
     """Forward hooks collecting the outputs of the BN layers that two models share by name."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
-        t_bns = dict(_named_bns(teacher))
-        self.names = [n for n, _ in _named_bns(student) if n in t_bns]
+        s_bns, t_bns = dict(_named_bns(student)), dict(_named_bns(teacher))
+        self.names = [n for n in s_bns if n in t_bns]
         self.student: dict[str, Tensor] = {}
         self.teacher: dict[str, Tensor] = {}
-        s_bns = dict(_named_bns(student))
         self._handles = [
             s_bns[n].register_forward_hook(self._keep(self.student, n)) for n in self.names
         ] + [t_bns[n].register_forward_hook(self._keep(self.teacher, n)) for n in self.names]
@@ -213,12 +218,6 @@ class _BNTaps:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def _named_bns(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
 
 
 def _proxy_loss(logits: Tensor, labels: Tensor, t: float) -> Tensor:
@@ -312,7 +311,10 @@ def finetune(
 
     tr_c, ho_c = split(clean.shape[0])
     clean_tr, clean_ho = clean[tr_c], clean[ho_c]
-    t_logits = _logits(teacher, clean_tr) if not config.augment else None
+    # the teacher runs on every batch when it is augmented or its BN outputs are distilled;
+    # otherwise its logits on the fixed training images are computed once here
+    teacher_each_step = config.augment or config.feature_weight > 0
+    t_logits = None if teacher_each_step else _logits(teacher, clean_tr)
     current_stamp = stamp
     stamp_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
     ho_stamped = ho_stamp_labels = None
@@ -380,21 +382,13 @@ def finetune(
     taps = _BNTaps(student, teacher) if config.feature_weight > 0 else None
     try:
         for epoch in range(1, config.epochs + 1):
-            if (
-                has_proxy
-                and refresh is not None
-                and config.refresh_every > 0
-                and epoch > 1
-                and ((epoch - 1) % config.refresh_every == 0)
-            ):
+            refresh_due = (
+                config.refresh_every > 0 and epoch > 1 and (epoch - 1) % config.refresh_every == 0
+            )
+            if refresh_due and has_proxy and refresh is not None:
                 new_img, new_lab = refresh(student, epoch)
                 p_img, p_lab = new_img.to(device), new_lab.to(device)
-            if (
-                refresh_stamp is not None
-                and config.refresh_every > 0
-                and epoch > 1
-                and ((epoch - 1) % config.refresh_every == 0)
-            ):
+            if refresh_due and refresh_stamp is not None:
                 current_stamp = refresh_stamp(student, epoch)
             _set_bn_mode(student, config.bn_mode)
             order = torch.randperm(clean_tr.shape[0], generator=gen).to(device)
@@ -409,7 +403,7 @@ def finetune(
                     xb = augment_batch(xb, gen, config.shift, config.flip)
                 if taps is not None:
                     taps.active = True
-                if config.augment or taps is not None:
+                if teacher_each_step:
                     with torch.no_grad():
                         tb = teacher(xb)
                 else:

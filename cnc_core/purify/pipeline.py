@@ -307,7 +307,6 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     return stages
 
 
-
 def _pgd_detection(
     model: nn.Module,
     probe: Tensor,
@@ -334,6 +333,7 @@ def _pgd_detection(
         )
     detection["histograms"][f"adversarial_{when}"] = hist
     detection[f"pgd_{when}"] = {"suspected_target": top, "share": share}
+
 
 def purify(
     model: nn.Module,
