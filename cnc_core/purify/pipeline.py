@@ -95,6 +95,11 @@ class PurifyConfig:
     # backdoor back. Needs trigger-inversion proxies (skipped for other kinds). None disables.
     teacher_cleaning: SensitivityConfig | None = None
     cleaning_rounds: int = 1
+    # Data-free guard: a cleaning round is undone (and cleaning stops) when the cleaned model
+    # agrees with the original on fewer than this share of the clean synthetic images. Cleaning
+    # with a wrongly named target collapsed WaNet's model to one class (agreement 0.31, against
+    # 0.76 for a correct BadNet cleaning; explore-purify.md section 4g).
+    cleaning_min_agreement: float = 0.5
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
@@ -211,6 +216,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_u": ("teacher_cleaning", "u"),
     "cleaning_max_fraction": ("teacher_cleaning", "max_fraction"),
     "cleaning_rounds": ("cleaning_rounds",),
+    "cleaning_min_agreement": ("cleaning_min_agreement",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -540,7 +546,13 @@ def _clean_teacher(
     num_classes: int,
     progress: ProgressFn,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune the trigger-sensitive channels of a copy of ``teacher`` (see PurifyConfig)."""
+    """Prune the trigger-sensitive channels of a copy of ``teacher`` (see PurifyConfig).
+
+    A round that leaves the model agreeing with ``teacher`` on fewer than
+    ``config.cleaning_min_agreement`` of the clean synthetic images is undone and ends the
+    cleaning: such a collapse means the channels pruned carried the model's clean function
+    (a wrongly named target), not a trigger.
+    """
     assert config.teacher_cleaning is not None and proxies.inversion is not None
     cleaned = copy.deepcopy(teacher)
     inv = proxies.inversion
@@ -552,8 +564,16 @@ def _clean_teacher(
     rounds: list[dict[str, Any]] = []
     n = max(config.cleaning_rounds, 1)
     for r in range(n):
+        before = copy.deepcopy(cleaned.state_dict())
         res = suppress_sensitive_ranks(cleaned, clean, images, config.teacher_cleaning)
-        rec: dict[str, Any] = {"suppressed": res.num_suppressed}
+        kept = agreement(cleaned, teacher, clean)
+        rec: dict[str, Any] = {"suppressed": res.num_suppressed, "agreement": kept}
+        rounds.append(rec)
+        if kept < config.cleaning_min_agreement:
+            cleaned.load_state_dict(before)
+            rec["undone"] = True
+            progress("cleaning", 1.0)
+            break
         # re-invert on the cleaned model: the next round's proxies, and the residual signal
         gen = torch.Generator(device="cpu").manual_seed(config.seed + 500 + r)
         new = trigger_inversion(
@@ -561,11 +581,12 @@ def _clean_teacher(
         )
         rec["target_mask_norm"] = new.mask_norms[0]
         rec["target_success"] = new.success[0]
-        rounds.append(rec)
         images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
         progress("cleaning", (r + 1) / n)
+    applied = sum(not rec.get("undone", False) for rec in rounds)
     return cleaned.eval(), {
         "rounds": rounds,
+        "rounds_applied": applied,
         "agreement_with_original": agreement(cleaned, teacher, clean),
     }
 

@@ -95,6 +95,24 @@ def test_purify_is_deterministic_under_a_seed() -> None:
     assert not torch.equal(model(x), outs[0])  # the input model is untouched, the output new
 
 
+def test_cleaning_that_breaks_the_model_is_undone() -> None:
+    """A cleaning round below the agreement guard is undone: same result as no cleaning."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)  # prune something
+    guarded = purify(model, _config("cnc", **loose, cleaning_min_agreement=1.01), **kw)
+    rounds = guarded.detection["teacher_cleaning"]["rounds"]
+    assert rounds[0]["suppressed"] > 0 and rounds[0]["undone"]
+    assert guarded.detection["teacher_cleaning"]["rounds_applied"] == 0
+    assert guarded.detection["teacher_cleaning"]["agreement_with_original"] == 1.0
+    plain = purify(model, _config("cnc", **loose, cleaning=False), **kw)
+    assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
+    kept = purify(model, _config("cnc", **loose, cleaning_min_agreement=0.0), **kw)
+    assert kept.detection["teacher_cleaning"]["rounds_applied"] == 1
+    assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_compresses(method: str) -> None:
     model = _model()
