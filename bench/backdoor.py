@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved_latency, machine  # noqa: E402
+from bench.synth_cache import cached_synthetic, model_key  # noqa: E402
 from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
 from cnc_core.compress import split_compress_knobs  # noqa: E402
@@ -35,7 +36,6 @@ from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E40
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
 from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
-from cnc_core.purify.synthesis import synthesize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTACKS = [
@@ -140,21 +140,24 @@ def evaluate_model(
         # Synthetic images are made once per model and shared across ratios (they depend
         # only on the original model); the standalone wall time adds their cost back.
         cfg = _config(method, args.ratios[0], args.seed, args.knobs)
-        t0 = time.perf_counter()
-        synthetic = synthesize(
+        synthetic, made = cached_synthetic(
             model,
             dataclasses.replace(cfg.synthesis, image_shape=SHAPE),
+            model_key(attack, mode, args.width),
             mean=MEAN,
             std=STD,
             device=device,
         )
-        synth_s = time.perf_counter() - t0
+        synth_s = made["seconds"]  # None: cached before sidecars recorded the time
         proxies = None
         for ratio in args.ratios:
             result = run(
                 f"{method} {ratio:g}x", method, ratio, synthetic=synthetic, proxies=proxies
             )
-            rows[f"{method} {ratio:g}x"]["seconds"] += synth_s
+            row = rows[f"{method} {ratio:g}x"]
+            row["synthesis_seconds"], row["synthesis_cached"] = synth_s, made["cached"]
+            if synth_s is not None:
+                row["seconds"] += synth_s
             proxies = result.proxies
         if method == "cnc" and args.ablations:
             for label, knobs in ABLATIONS.items():
@@ -244,7 +247,9 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines.append("| **mean / max ASR** | " + " | ".join(asrs) + " |")
     lines += [
         "",
-        "Params and purification wall time (s, standalone: synthesis included):",
+        f"Params and purification wall time (s, standalone: synthesis included; "
+        f"{m.get('torch_threads', '?')} torch thread(s) per process; * synthesis time not "
+        "recorded, reused from the cache):",
         "",
         "| attack | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -252,6 +257,11 @@ def to_markdown(data: dict[str, Any]) -> str:
     for r in results:
         cells = [
             f"{r['rows'][c]['params']:,} / {r['rows'][c]['seconds']:.0f}s"
+            + (
+                "*"
+                if "synthesis_seconds" in r["rows"][c] and r["rows"][c]["synthesis_seconds"] is None
+                else ""
+            )
             if c in r["rows"]
             else "-"
             for c in columns
@@ -275,6 +285,21 @@ def to_markdown(data: dict[str, Any]) -> str:
                 f"{row['latency_b1_ms']:.2f} | {row['latency_b64_ms']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[Path], stem: Path) -> None:
+    """One table from runs split over attacks: results in the benchmark's attack order;
+    machine, floor and latency from the first file that has them; the commands listed."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    data = {**parts[0], "command": " ; ".join(p["command"] for p in parts)}
+    order = {f"{a}-{m}": i for i, (a, m) in enumerate(ATTACKS)}
+    results = [r for p in parts for r in p["results"]]
+    data["results"] = sorted(results, key=lambda r: order.get(f"{r['attack']}-{r['mode']}", 99))
+    for key in ("floor", "latency"):
+        data[key] = next((p[key] for p in parts if p.get(key)), None)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text(to_markdown(data))
+    print(to_markdown(data))
 
 
 def main() -> None:
@@ -308,9 +333,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--tag", default="")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                        help="folder with the Fashion-MNIST idx .gz files")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only merge the results files of runs split over attacks (in parallel) into "
+        "backdoor-w{W}{tag}.md/.json; nothing is run",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help="folder with the Fashion-MNIST idx .gz files",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        merge(args.merge, RESULTS / f"backdoor-w{args.width}{args.tag}")
+        return
     args.knobs = dict(parse_knob(item) for item in args.set)
     device = torch.device(
         "cuda"

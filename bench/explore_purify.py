@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -28,7 +27,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.zoo import eval_sets, find_zoo_model, load_zoo_model  # noqa: E402
+from bench.synth_cache import CACHE, cached_synthetic, model_key, synth_key  # noqa: E402
+from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
@@ -38,18 +38,8 @@ from cnc_core.purify.proxies import (  # noqa: E402
     make_proxies,
     proxies_from_inversion,
 )
-from cnc_core.purify.synthesis import synthesize  # noqa: E402
 
-CACHE = Path(__file__).resolve().parent / ".cache" / "explore"
 LOG = Path(__file__).resolve().parent / "results" / "explore-log.jsonl"
-
-
-def model_key(attack: str, mode: str) -> str:
-    """Cache key of a zoo model: its name and the first bytes of its weights' SHA-256, so a
-    retrained model never reuses another model's synthetic images."""
-    found = find_zoo_model(attack, mode, 16)
-    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()[:8] if found else "none"
-    return f"{attack}-{mode}-{digest}"
 
 
 def _parse_value(text: str) -> Any:
@@ -66,26 +56,12 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _synthetic(model: torch.nn.Module, cfg: PurifyConfig, key: str) -> torch.Tensor:
-    s = cfg.synthesis
-    path = CACHE / (
-        f"{key}-synth-n{s.num_images}-it{s.iterations}-cw{s.class_weight}-{s.statistics}"
-        f"-s{s.seed}.pt"
-    )
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    x = synthesize(model, s, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(x, path)
-    return x
-
-
 def _inversion(
-    model: torch.nn.Module, images: torch.Tensor, cfg: PurifyConfig, key: str, synth_key: str
+    model: torch.nn.Module, images: torch.Tensor, cfg: PurifyConfig, key: str, skey: str
 ) -> TriggerInversionResult:
     inv = cfg.proxy.inversion
     path = CACHE / (
-        f"{key}-inv-{synth_key}-st{inv.steps}-l1{inv.l1_weight}-ipc"
+        f"{key}-inv-{skey}-st{inv.steps}-l1{inv.l1_weight}-ipc"
         f"{inv.images_per_class}-lr{inv.lr}-s{cfg.proxy.seed}.pt"
     )
     if path.exists():
@@ -127,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     synth = proxies = None
     if args.method.startswith("cnc"):
-        synth = _synthetic(model, cfg, key)
-        s = cfg.synthesis
-        synth_key = f"n{s.num_images}-it{s.iterations}-cw{s.class_weight}-s{s.seed}"
+        synth, _made = cached_synthetic(
+            model, cfg.synthesis, key, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
+        )
         if cfg.proxy.kind == "trigger_inversion":
-            inv = _inversion(model, synth, cfg, key, synth_key)
+            inv = _inversion(model, synth, cfg, key, synth_key(cfg.synthesis))
             gen = torch.Generator().manual_seed(cfg.proxy.seed)
             proxies = proxies_from_inversion(
                 model,
