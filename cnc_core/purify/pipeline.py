@@ -52,24 +52,21 @@ from cnc_core.purify.proxies import (
     ProxyConfig,
     ProxySet,
     TriggerInversionConfig,
-    UniversalConfig,
     adversarial_histogram,
     apply_trigger,
     chosen_triggers,
     make_proxies,
-    mixed_stamp,
     perturbation_stamp,
     predict,
     trigger_inversion,
     trigger_stamp,
-    universal_perturbation,
 )
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     SensitivityResult,
     suppress_sensitive_ranks,
 )
-from cnc_core.purify.synthesis import SynthesisConfig, normalisation_bounds, synthesize
+from cnc_core.purify.synthesis import SynthesisConfig, synthesize
 
 __all__ = ["KNOBS", "METHODS", "PurifyConfig", "PurifyResult", "purify"]
 
@@ -78,9 +75,6 @@ METHODS = ("cnc", "cnc-paper", "clp", "compress")
 #: Teacher cleaning chosen by measurement (explore-purify.md): outliers at 3 MADs, at most
 #: 10% of a layer's channels, plain conv channels included.
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
-
-#: The targeted universal perturbation switched on by the ``target_perturbation`` knob.
-TARGET_PERTURBATION = UniversalConfig(eps=0.1, steps=60, batch_size=128)
 
 
 @dataclass(frozen=True)
@@ -106,11 +100,6 @@ class PurifyConfig:
     # with a wrongly named target collapsed WaNet's model to one class (agreement 0.31, against
     # 0.76 for a correct BadNet cleaning; explore-purify.md section 4g).
     cleaning_min_agreement: float = 0.5
-    # Second input-agnostic proxy beside the inverted trigger: one targeted universal L-inf
-    # perturbation (eps in pixel units) pushing the synthetic images to the suspected target.
-    # A Neural-Cleanse mask cannot express a full-image blend; this can. It joins the inverted
-    # trigger in teacher cleaning, rank sensitivity and unlearning. None disables.
-    target_perturbation: UniversalConfig | None = None
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
@@ -228,9 +217,6 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_max_fraction": ("teacher_cleaning", "max_fraction"),
     "cleaning_rounds": ("cleaning_rounds",),
     "cleaning_min_agreement": ("cleaning_min_agreement",),
-    "target_perturbation": ("target_perturbation",),  # False/None disables
-    "target_perturbation_eps": ("target_perturbation", "eps"),
-    "target_perturbation_steps": ("target_perturbation", "steps"),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -253,14 +239,6 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
             f"unknown purification setting {name!r}; known: {', '.join(sorted(KNOBS))}"
         )
     path = KNOBS[name]
-    if path == ("target_perturbation",):
-        if value in (False, None):
-            return dataclasses.replace(config, target_perturbation=None)
-        if value is True:
-            return dataclasses.replace(
-                config, target_perturbation=config.target_perturbation or TARGET_PERTURBATION
-            )
-        raise ValueError(f"{name} takes true or false")
     if path in (("sensitivity",), ("teacher_cleaning",)):
         section = path[0]
         default = CLEANING if section == "teacher_cleaning" else SensitivityConfig()
@@ -277,10 +255,7 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
     def set_in(obj: Any, keys: tuple[str, ...]) -> Any:
         if obj is None and keys:
             # a sub-knob of a disabled section switches it on
-            obj = {
-                "teacher_cleaning": CLEANING,
-                "target_perturbation": TARGET_PERTURBATION,
-            }.get(path[0], SensitivityConfig())
+            obj = CLEANING if path[0] == "teacher_cleaning" else SensitivityConfig()
         if len(keys) == 1:
             return dataclasses.replace(obj, **{keys[0]: value})
         return dataclasses.replace(obj, **{keys[0]: set_in(getattr(obj, keys[0]), keys[1:])})
@@ -322,9 +297,6 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     else:
         proxy_work = config.proxy.pgd.steps * s.num_images / 1000
     stages.append(("proxies", max(proxy_work, 0.1)))
-    if config.target_perturbation is not None and config.proxy.kind == "trigger_inversion":
-        tp = config.target_perturbation
-        stages.append(("perturbation", max(tp.steps * tp.batch_size / 1000, 0.1)))
     if config.teacher_cleaning is not None:
         inv = config.proxy.inversion
         stages.append(
@@ -483,27 +455,11 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
-    delta: Tensor | None = None  # the targeted universal perturbation, normalised units
-    if config.target_perturbation is not None and proxies.inversion is not None:
-        with plan.stage("perturbation"):
-            delta, detection["target_perturbation"] = _target_perturbation(
-                teacher, clean, proxies.inversion.suspected_target, config, mean, std, plan
-            )
-    perturbed = perturbation_stamp(delta, mean=mean, std=std) if delta is not None else None
-
     kd_teacher = teacher
     if config.teacher_cleaning is not None and proxies.inversion is not None:
         with plan.stage("cleaning"):
             kd_teacher, cleaning = _clean_teacher(
-                teacher,
-                clean,
-                proxies,
-                config,
-                mean,
-                std,
-                num_classes,
-                plan.nested("cleaning"),
-                perturbed,
+                teacher, clean, proxies, config, mean, std, num_classes, plan.nested("cleaning")
             )
         detection["teacher_cleaning"] = cleaning
 
@@ -518,22 +474,21 @@ def purify(
         with plan.stage("sensitivity"):
             sens = suppress_sensitive_ranks(
                 student,
-                *_paired_proxies(clean, proxies.images, perturbed),
+                clean,
+                proxies.images,
                 config.sensitivity,
                 progress=plan.nested("sensitivity"),
             )
         detection["sensitivity_suppressed"] = sens.num_suppressed
 
     ft_cfg = dataclasses.replace(config.finetune, refresh_every=config.refresh_every)
-    stamp = _stamp_of(config, proxies, mean, std, perturbed) if config.online_proxies else None
+    stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
     with plan.stage("finetune"):
         if stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
             refresh_stamp = None
             if config.refresh_every > 0 and proxies.inversion is not None:
-                refresh_stamp = _stamp_refresher(
-                    config, clean, proxies, mean, std, num_classes, perturbed
-                )
+                refresh_stamp = _stamp_refresher(config, clean, proxies, mean, std, num_classes)
             ft = finetune(
                 student,
                 kd_teacher,
@@ -590,12 +545,8 @@ def _clean_teacher(
     std: float | tuple[float, ...],
     num_classes: int,
     progress: ProgressFn,
-    perturbed: StampFn | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune the trigger-sensitive channels of a copy of ``teacher`` (see PurifyConfig).
-
-    Channels are scored on the inverted trigger and, when ``perturbed`` is given, on the
-    targeted universal perturbation too (each paired with its clean source).
 
     A round that leaves the model agreeing with ``teacher`` on fewer than
     ``config.cleaning_min_agreement`` of the clean synthetic images is undone and ends the
@@ -614,9 +565,7 @@ def _clean_teacher(
     n = max(config.cleaning_rounds, 1)
     for r in range(n):
         before = copy.deepcopy(cleaned.state_dict())
-        res = suppress_sensitive_ranks(
-            cleaned, *_paired_proxies(clean, images, perturbed), config.teacher_cleaning
-        )
+        res = suppress_sensitive_ranks(cleaned, clean, images, config.teacher_cleaning)
         kept = agreement(cleaned, teacher, clean)
         rec: dict[str, Any] = {"suppressed": res.num_suppressed, "agreement": kept}
         rounds.append(rec)
@@ -642,64 +591,13 @@ def _clean_teacher(
     }
 
 
-def _target_perturbation(
-    teacher: nn.Module,
-    clean: Tensor,
-    target: int,
-    config: PurifyConfig,
-    mean: float | tuple[float, ...],
-    std: float | tuple[float, ...],
-    plan: StagePlan,
-) -> tuple[Tensor, dict[str, Any]]:
-    """Stage ``perturbation``: one universal perturbation pushing ``clean`` to ``target``."""
-    assert config.target_perturbation is not None
-    labels = torch.full((clean.shape[0],), target, dtype=torch.long, device=clean.device)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed + 700)
-    delta = universal_perturbation(
-        teacher,
-        clean,
-        config.target_perturbation,
-        mean=mean,
-        std=std,
-        labels=labels,
-        generator=gen,
-        progress=plan.nested("perturbation"),
-        stage="perturbation",
-        targeted=True,
-    )
-    lo, hi = normalisation_bounds(mean, std, clean.shape[1], clean.device)
-    before = predict(teacher, clean)
-    after = predict(teacher, torch.max(torch.min(clean + delta, hi), lo))
-    others = before != target
-    success = float((after[others] == target).float().mean()) if others.any() else 0.0
-    return delta, {
-        "target": target,
-        "eps": config.target_perturbation.eps,
-        "success": success,  # share of non-target synthetic images it flips to the target
-    }
-
-
-def _paired_proxies(
-    clean: Tensor, triggered: Tensor, perturbed: StampFn | None
-) -> tuple[Tensor, Tensor]:
-    """(clean, proxy) pairs for channel scoring: the trigger-stamped images, plus the
-    perturbed ones when a perturbation stamp is given."""
-    if perturbed is None:
-        return clean, triggered
-    n = min(clean.shape[0], triggered.shape[0])
-    extra = perturbed(clean[:n], torch.Generator(device="cpu"))
-    return torch.cat([clean[:n], clean[:n]]), torch.cat([triggered[:n], extra])
-
-
 def _stamp_of(
     config: PurifyConfig,
     proxies: ProxySet,
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
-    perturbed: StampFn | None = None,
 ) -> StampFn | None:
-    """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one
-    (each image gets the inverted trigger or, when given, the ``perturbed`` stamp)."""
+    """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
     if proxies.inversion is not None:
         inv = proxies.inversion
         idx = torch.tensor(
@@ -707,8 +605,7 @@ def _stamp_of(
                 inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold
             )
         )
-        trigger = trigger_stamp(inv.masks[idx], inv.patterns[idx], mean=mean, std=std)
-        return mixed_stamp([trigger] + ([perturbed] if perturbed is not None else []))
+        return trigger_stamp(inv.masks[idx], inv.patterns[idx], mean=mean, std=std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
@@ -721,10 +618,8 @@ def _stamp_refresher(
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
     num_classes: int,
-    perturbed: StampFn | None = None,
 ) -> StampRefreshFn:
-    """Re-invert the suspected target's trigger on the student; keep every trigger so far
-    (and the ``perturbed`` stamp, when given, beside them)."""
+    """Re-invert the suspected target's trigger on the student; keep every trigger so far."""
     assert first.inversion is not None
     inv0 = first.inversion
     target = inv0.suspected_target
@@ -739,8 +634,7 @@ def _stamp_refresher(
         )
         masks.append(inv.masks)
         patterns.append(inv.patterns)
-        trigger = trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
-        return mixed_stamp([trigger] + ([perturbed] if perturbed is not None else []))
+        return trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
 
     return refresh
 

@@ -49,7 +49,6 @@ __all__ = [
     "chosen_triggers",
     "class_histogram",
     "make_proxies",
-    "mixed_stamp",
     "pgd_attack",
     "perturbation_stamp",
     "predict",
@@ -256,19 +255,12 @@ def universal_perturbation(
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     stage: str = "proxies",
-    targeted: bool = False,
 ) -> Tensor:
     """One L-inf perturbation (normalised units, ``(1, C, H, W)``) that flips most images.
 
     Signed-gradient ascent on the mean cross-entropy w.r.t. ``labels`` (default: clean
-    predictions), one minibatch per step, cycling through ``images`` in a seeded order. With
-    ``targeted``, descent instead: the perturbation pushes every image TO ``labels`` (a
-    universal adversarial perturbation towards one class, Moosavi-Dezfooli et al., CVPR 2017,
-    which for a blended trigger is a full-image proxy where a small mask is not).
+    predictions), one minibatch per step, cycling through ``images`` in a seeded order.
     """
-    if targeted and labels is None:
-        raise ValueError("a targeted universal perturbation needs labels (the target class)")
-    sign = -1.0 if targeted else 1.0
     device = images.device
     c, h, w = images.shape[1:]
     s = to_tensor_stats(std, c, device)
@@ -290,7 +282,7 @@ def universal_perturbation(
             loss = F.cross_entropy(model(x), labels[idx])
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta = torch.max(torch.min(delta + sign * alpha * grad.sign(), eps), -eps)
+                delta = torch.max(torch.min(delta + alpha * grad.sign(), eps), -eps)
             report((step + 1) / max(config.steps, 1))
     report(1.0)
     return delta.detach()
@@ -548,25 +540,6 @@ def trigger_stamp(
             mean=mean,
             std=std,
         )
-
-    return stamp
-
-
-def mixed_stamp(
-    stamps: list[Callable[[Tensor, torch.Generator], Tensor]],
-) -> Callable[[Tensor, torch.Generator], Tensor]:
-    """A ``stamp`` giving each image one of ``stamps``, drawn at random (with the generator)."""
-    if len(stamps) == 1:
-        return stamps[0]
-
-    def stamp(images: Tensor, generator: torch.Generator) -> Tensor:
-        pick = torch.randint(0, len(stamps), (images.shape[0],), generator=generator)
-        out = images.clone()
-        for k, fn in enumerate(stamps):
-            rows = (pick == k).nonzero().flatten().to(images.device)
-            if rows.numel():
-                out[rows] = fn(images[rows], generator)
-        return out
 
     return stamp
 

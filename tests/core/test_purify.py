@@ -113,21 +113,6 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
 
 
-def test_target_perturbation_joins_the_proxies() -> None:
-    model = _model()
-    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    res = purify(model, _config("cnc", detect=False, target_perturbation=True), **kw)
-    info = res.detection["target_perturbation"]
-    assert info["target"] == res.suspected_target and 0.0 <= info["success"] <= 1.0
-    assert "perturbation" in res.timings
-    off = purify(model, _config("cnc", detect=False), **kw)
-    assert "target_perturbation" not in off.detection
-    x = torch.rand(4, 3, 16, 16)
-    assert not torch.allclose(res.model(x), off.model(x))
-    cfg = _config("cnc", target_perturbation_eps=0.05)  # a sub-knob switches it on
-    assert cfg.target_perturbation is not None and cfg.target_perturbation.eps == 0.05
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_compresses(method: str) -> None:
     model = _model()
