@@ -1,9 +1,74 @@
-"""The job methods the API accepts.
+"""The job methods and advanced settings the API accepts.
 
-A copy of ``cnc_core.job.METHODS``: the API never imports ``cnc_core`` (no torch in its
-image), and ``tests/test_import_rules.py`` asserts the two lists are equal.
+Copies of ``cnc_core.job.METHODS`` and ``cnc_core.job.advanced_knob_names()``: the API never
+imports ``cnc_core`` (no torch in its image), and ``tests/test_import_rules.py`` asserts the
+copies equal the library's, so a misspelt setting is a 422 at submit, not a failed job.
 """
 
 from __future__ import annotations
 
 METHODS: tuple[str, ...] = ("cnc", "cnc-paper", "clp", "compress")
+
+#: Names accepted in a job's ``advanced`` settings (values are checked by the worker).
+ADVANCED_KNOBS: frozenset[str] = frozenset(
+    {
+        # job
+        "latency_batches",
+        "latency_repeats",
+        "measure_latency",
+        # compression (CompressConfig)
+        "allocation",
+        "decompose_linear",
+        "exclude",
+        "keep_dense_if_larger",
+        "min_layer_share",
+        "rank_multiple",
+        "scale_stem",
+        "scaling",
+        "t_scale",
+        # purification (cnc_core.purify.pipeline.KNOBS)
+        "augment",
+        "batch_size",
+        "bn_mode",
+        "class_weight",
+        "cleaning",
+        "cleaning_max_fraction",
+        "cleaning_min_agreement",
+        "cleaning_rounds",
+        "cleaning_u",
+        "clp_compress",
+        "clp_u",
+        "detect",
+        "early_stopping",
+        "epochs",
+        "feature_weight",
+        "flip",
+        "inversion_l1",
+        "inversion_steps",
+        "inversion_use",
+        "kd_weight",
+        "lr",
+        "num_images",
+        "online_proxies",
+        "optimizer",
+        "patience",
+        "pgd_eps",
+        "pgd_steps",
+        "proxy",
+        "proxy_labels",
+        "proxy_weight",
+        "recalibrate",
+        "refresh_every",
+        "sensitivity",
+        "sensitivity_action",
+        "sensitivity_u",
+        "shift",
+        "stamp_fraction",
+        "synthesis_batch_size",
+        "synthesis_iterations",
+        "synthesis_lr",
+        "temperature",
+        "universal_eps",
+        "weight_decay",
+    }
+)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.methods import METHODS
+from app.methods import ADVANCED_KNOBS, METHODS
 
 
 class JobOptions(BaseModel):
@@ -59,6 +59,12 @@ class JobOptions(BaseModel):
     def _advanced_small(cls, value: dict[str, Any]) -> dict[str, Any]:
         if len(value) > 64 or len(json.dumps(value)) > 16_384:
             raise ValueError("too many advanced settings (64 keys, 16 KiB at most)")
+        unknown = sorted(set(value) - ADVANCED_KNOBS)
+        if unknown:
+            raise ValueError(
+                f"unknown advanced setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(ADVANCED_KNOBS))}"
+            )
         return value
 
     @field_validator("callback_url")

@@ -9,7 +9,7 @@ service can store it as JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,14 @@ def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], d
     compress_kwargs, knobs = split_compress_knobs(knobs)
     cc = CompressConfig(ratio=config.ratio, **compress_kwargs)
     return cc, knobs, job_knobs
+
+
+def advanced_knob_names() -> frozenset[str]:
+    """Every name ``advanced`` accepts: job, compression and purification knobs."""
+    compress_names, _ = split_compress_knobs(
+        {f.name: () for f in fields(CompressConfig)}
+    )
+    return frozenset(JOB_KNOBS) | frozenset(compress_names) | frozenset(_purify_fn().KNOBS)
 
 
 def _purify_fn() -> Any:

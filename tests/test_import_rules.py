@@ -96,6 +96,13 @@ def test_api_method_list_matches_the_library() -> None:
     assert tuple(API_METHODS) == tuple(METHODS)
 
 
+def test_api_advanced_settings_match_the_library() -> None:
+    from app.methods import ADVANCED_KNOBS
+    from cnc_core.job import advanced_knob_names
+
+    assert advanced_knob_names() == ADVANCED_KNOBS
+
+
 def test_job_spec_mirrors_job_config() -> None:
     from dataclasses import fields
 

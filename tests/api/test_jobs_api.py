@@ -57,6 +57,7 @@ def test_422_names_the_field(client, make_key):
         "model_id": spec("not-a-uuid"),
         "colour": {**spec(model_id), "colour": "red"},
         "device": spec(model_id, device="tpu"),
+        "advanced": spec(model_id, advanced={"epochs": 5, "epochz": 3}),
     }
     for field, body in cases.items():
         r = client.post("/v1/jobs", json=body, headers=bearer(key))
@@ -67,6 +68,8 @@ def test_422_names_the_field(client, make_key):
         assert field in problem["detail"]
     r = client.post("/v1/jobs", json=spec(model_id, method="magic"), headers=bearer(key))
     assert all(m in r.json()["detail"] for m in METHODS)
+    r = client.post("/v1/jobs", json=spec(model_id, advanced={"epochz": 3}), headers=bearer(key))
+    assert "epochz" in r.json()["detail"] and "epochs" in r.json()["detail"]  # names the known
     r = client.post("/v1/jobs", json=spec(model_id, mean=[0.1, 0.2]), headers=bearer(key))
     assert r.status_code == 422 and "mean" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(str(uuid.uuid4())), headers=bearer(key))
