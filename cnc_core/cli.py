@@ -158,6 +158,7 @@ class _Bar:
 
 def _run(args: argparse.Namespace) -> int:
     from cnc_core.job import JobConfig, run_job
+    from cnc_core.report_md import write_report_md
 
     method = getattr(args, "method", "compress")
     config = JobConfig(
@@ -175,15 +176,17 @@ def _run(args: argparse.Namespace) -> int:
         export_onnx=not args.no_onnx,
         advanced=_knobs(args),
     )
+    eval_sets = _eval_sets(args, config)
     bar = _Bar(enabled=not args.quiet)
     try:
         result = run_job(args.model, args.out, config, progress=bar)
     finally:
         bar.close()
     report = result.report
-    if getattr(args, "eval_clean", None) or getattr(args, "eval_poisoned", None):
-        report["evaluation"] = _evaluate(args, config, result)
+    if eval_sets:
+        report["evaluation"] = _evaluate(args, config, result, eval_sets)
         (result.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        write_report_md(result.out_dir, report)
     comp = report.get("compression", {})
     ratios = report["metrics"]["ratios"]
     print(f"wrote {len(result.artifacts)} artifacts to {result.out_dir}")
@@ -198,13 +201,39 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  suspected backdoor target class: {result.suspected_target}")
     for key, value in report.get("evaluation", {}).items():
         print(f"  {key}: {value:.2f}%")
-    print(f"  device {result.device}; report {result.artifacts['report.json']}")
+    print(f"  device {result.device}; report {result.artifacts['report.md']} (and .json)")
     return 0
 
 
-def _evaluate(args: argparse.Namespace, config: Any, result: Any) -> dict[str, float]:
+def _eval_sets(args: argparse.Namespace, config: Any) -> dict[str, tuple[Any, Any]]:
+    """The user's evaluation sets, read and checked BEFORE the job runs (a wrong shape is an
+    error in a second, not after minutes of purification): ``{"ACC": ..., "ASR": ...}``."""
+    from cnc_core.evaluate import load_eval_npz
+
+    expected = (config.in_chans, config.input_size, config.input_size)
+    sets = {}
+    for flag, label in (("eval_clean", "ACC"), ("eval_poisoned", "ASR")):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        images, labels = load_eval_npz(path)
+        shape = tuple(images.shape[1:])
+        if shape != expected:
+            raise ValueError(f"{path}: images have shape {shape}, the model takes {expected}")
+        if int(labels.max()) >= config.num_classes:
+            raise ValueError(
+                f"{path}: label {int(labels.max())} is out of range "
+                f"for {config.num_classes} classes"
+            )
+        sets[label] = (images, labels)
+    return sets
+
+
+def _evaluate(
+    args: argparse.Namespace, config: Any, result: Any, sets: dict[str, tuple[Any, Any]]
+) -> dict[str, float]:
     """ACC / ASR of the original and the compact model on the user's own data."""
-    from cnc_core.evaluate import accuracy, load_eval_npz
+    from cnc_core.evaluate import accuracy
     from cnc_core.export import ModelSpec, load_compact
     from cnc_core.io import load_checkpoint
 
@@ -218,16 +247,7 @@ def _evaluate(args: argparse.Namespace, config: Any, result: Any) -> dict[str, f
     original = load_checkpoint(args.model, spec.build())
     compact = load_compact(result.out_dir)
     out: dict[str, float] = {}
-    for flag, label in (("eval_clean", "ACC"), ("eval_poisoned", "ASR")):
-        path = getattr(args, flag)
-        if path is None:
-            continue
-        images, labels = load_eval_npz(path)
-        shape = tuple(images.shape[1:])
-        if shape != spec.input_shape:
-            raise ValueError(
-                f"{path}: images have shape {shape}, the model takes {spec.input_shape}"
-            )
+    for label, (images, labels) in sets.items():
         for name, model in (("original", original), ("purified", compact)):
             out[f"{label} {name}"] = accuracy(
                 model, images, labels, mean=config.mean, std=config.std

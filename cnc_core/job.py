@@ -23,6 +23,7 @@ from cnc_core.metrics import measure_latency, model_stats
 from cnc_core.onnx_export import export_onnx, verify_onnx
 from cnc_core.plots import plot_histogram, plot_spectra, plot_summary
 from cnc_core.progress import ProgressFn, StagePlan
+from cnc_core.report_md import write_report_md
 
 METHODS = ("cnc", "cnc-paper", "clp", "compress")
 
@@ -175,6 +176,7 @@ def run_job(
 
     detection: dict[str, Any] = {}
     suspected: int | None = None
+    purify_timings: dict[str, float] = {}
     with plan.stage(main_stage):
         if config.method == "compress":
             result = compress(original, compress_config, progress=plan.nested(main_stage))
@@ -203,6 +205,7 @@ def run_job(
             surgery = cres.surgery_record() if cres is not None else []
             detection = purified.detection
             suspected = purified.suspected_target
+            purify_timings = dict(purified.timings)
     compact.eval()
 
     artifacts: dict[str, Path] = {}
@@ -251,6 +254,7 @@ def run_job(
         "suspected_target": suspected,
         "detection": detection,
         "timings_s": dict(plan.timings),
+        "purify_timings_s": purify_timings,
         "layers": [d.to_dict() for d in decisions],
     }
     report_path = out_dir / "report.json"
@@ -258,6 +262,7 @@ def run_job(
     artifacts["report.json"] = report_path
     report_data["timings_s"] = dict(plan.timings)
     report_path.write_text(json.dumps(report_data, indent=2, default=json_default))
+    artifacts["report.md"] = write_report_md(out_dir, report_data)
     return JobResult(
         out_dir=out_dir,
         artifacts=artifacts,

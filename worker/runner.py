@@ -196,6 +196,8 @@ def job_config_kwargs(spec: dict[str, Any], names: set[str]) -> dict[str, Any]:
 def content_type(name: str) -> str:
     if name.endswith(".json"):
         return "application/json"
+    if name.endswith(".md"):
+        return "text/markdown; charset=utf-8"
     guessed, _ = mimetypes.guess_type(name)
     return guessed or "application/octet-stream"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_run_job_writes_loadable_artifacts_and_a_report(checkpoint: Path, tmp_pa
         "manifest.json",
         "model.onnx",
         "report.json",
+        "report.md",
         "plots/spectra.png",
         "plots/summary.png",
     } <= names
@@ -214,3 +216,80 @@ def test_package_exports_the_public_api() -> None:
         assert getattr(cnc_core, name) is not None
     with pytest.raises(AttributeError):
         cnc_core.not_a_thing  # noqa: B018
+
+
+def test_cli_purify_evaluates_on_user_data_and_writes_a_readable_report(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    clean, poisoned = tmp_path / "clean.npz", tmp_path / "poisoned.npz"
+    np.savez(
+        clean,
+        images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        labels=rng.integers(0, 10, 16),
+    )
+    np.savez(
+        poisoned,
+        images=rng.random((8, 3, 32, 32), dtype=np.float32),
+        labels=np.zeros(8, dtype=np.int64),
+    )
+    args = [
+        "purify",
+        str(checkpoint),
+        "--arch",
+        "resnet18",
+        "--width",
+        "4",
+        "--num-classes",
+        "10",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.25",
+        "--ratio",
+        "2",
+        "--quiet",
+        "--no-onnx",
+        "--set",
+        "latency_repeats=1",
+        "--set",
+        "latency_batches=[1]",
+        "--set",
+        "num_images=32",
+        "--set",
+        "synthesis_iterations=2",
+        "--set",
+        "epochs=1",
+        "--set",
+        "inversion_steps=2",
+        "--set",
+        "detect=false",
+    ]
+    out = tmp_path / "p"
+    code = main(
+        [*args, "--out", str(out), "--eval-clean", str(clean), "--eval-poisoned", str(poisoned)]
+    )
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "suspected backdoor target class" in printed and "ACC purified" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["evaluation"]) == {
+        "ACC original",
+        "ACC purified",
+        "ASR original",
+        "ASR purified",
+    }
+    assert {"synthesis", "proxies", "finetune"} <= set(report["purify_timings_s"])
+    page = (out / "report.md").read_text()
+    assert f"Suspected backdoor target: class {report['suspected_target']}" in page
+    assert "## Evaluation on your data" in page and "purify / finetune" in page
+
+    # a wrong evaluation set is refused before any purification runs
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((4, 1, 28, 28), dtype=np.float32), labels=np.zeros(4, int))
+    code = main([*args, "--out", str(tmp_path / "q"), "--eval-clean", str(bad)])
+    assert code == EXIT_BAD_INPUT
+    assert "(1, 28, 28)" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    np.savez(bad, images=np.zeros((4, 3, 32, 32), dtype=np.float32), labels=np.full(4, 12))
+    assert main([*args, "--out", str(tmp_path / "q"), "--eval-clean", str(bad)]) == EXIT_BAD_INPUT
+    assert "out of range" in capsys.readouterr().err

@@ -341,7 +341,7 @@ def download_artifact(
         raise Problem(404, f"job {job.id} has no artifact {name!r}")
     etag = f'"{artifact.sha256}"'
     b64 = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
-    inline = artifact.content_type.startswith(("image/", "application/json"))
+    inline = artifact.content_type.startswith(("image/", "application/json", "text/markdown"))
     filename = name.rsplit("/", 1)[-1]
     headers = {
         "ETag": etag,

@@ -1,0 +1,219 @@
+"""``report.md``: the job report (``report.json``) as a page a person reads.
+
+Rendered from the same dictionary that becomes ``report.json``, so the two never disagree:
+what was run, what it saved (parameters, MACs, latency, the ONNX check), what the data-free
+backdoor detection found before and after purification, the user's own evaluation when one
+was asked for, how long each stage took, and the layers with their kept ranks. Plots are
+linked by their relative paths (``plots/*.png``), which hold beside the report in a job's
+output folder and in the service's artifact list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_report", "write_report_md"]
+
+#: The layer table lists at most this many layers (the largest first); report.json has all.
+MAX_LAYER_ROWS = 40
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _top(counts: Sequence[int]) -> str:
+    """``class k (n of N)`` for a class histogram."""
+    total = sum(counts)
+    if not total:
+        return "no image changed class"
+    k = max(range(len(counts)), key=lambda i: counts[i])
+    return f"class {k} ({counts[k]} of {total}, {100 * counts[k] / total:.0f}%)"
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    job, metrics = report.get("job", {}), report.get("metrics", {})
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    rows = [
+        ("parameters", f"{before.get('params', 0):,}", f"{after.get('params', 0):,}"),
+        ("MACs", f"{before.get('macs', 0):,}", f"{after.get('macs', 0):,}"),
+        ("size (bytes)", f"{before.get('size_bytes', 0):,}", f"{after.get('size_bytes', 0):,}"),
+    ]
+    for b, a in zip(before.get("latency", []), after.get("latency", []), strict=False):
+        rows.append(
+            (
+                f"latency, batch {b['batch_size']} ({b['device']}, median ms)",
+                f"{b['median_ms']:.2f}",
+                f"{a['median_ms']:.2f}",
+            )
+        )
+    lines = [
+        f"Method `{job.get('method')}`, architecture `{job.get('arch')}` (width "
+        f"{job.get('width') or 'standard'}), {job.get('num_classes')} classes, input "
+        f"{job.get('in_chans')}x{job.get('input_size')}x{job.get('input_size')}, ratio "
+        f"{job.get('ratio')}, seed {job.get('seed')}; ran on {report.get('device')} "
+        f"(cnc {report.get('cnc_version')}, torch {report.get('torch_version')}).",
+        "",
+        *_table(("", "original", "compact"), rows),
+    ]
+    ratios = metrics.get("ratios", {})
+    if ratios:
+        lines += [", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()) + ".", ""]
+    onnx = report.get("onnx")
+    if onnx:
+        lines += [
+            f"ONNX export checked with ONNX Runtime: "
+            f"{'passed' if onnx.get('passed') else 'FAILED'} (largest difference from PyTorch "
+            f"{onnx.get('max_abs_diff', float('nan')):.2e}).",
+            "",
+        ]
+    return lines
+
+
+def _detection(report: dict[str, Any]) -> list[str]:
+    det = report.get("detection") or {}
+    if not det:
+        return []
+    lines = ["## Backdoor detection (data-free)", ""]
+    if report.get("suspected_target") is not None:
+        lines += [f"**Suspected backdoor target: class {report['suspected_target']}.**", ""]
+    inv = det.get("trigger_inversion")
+    if inv:
+        lines += [
+            "Trigger inversion (Neural Cleanse on synthetic images): the smallest mask that "
+            "flips the images to a class; a backdoor target needs an anomalously small one "
+            f"(anomaly index {inv['anomaly_index']:.2f}; Neural Cleanse flags above 2).",
+            "",
+            *_table(
+                ("class", "mask L1", "anomaly index", "flip rate"),
+                (
+                    (k, f"{n:.1f}", f"{a:.2f}", _pct(s))
+                    for k, (n, a, s) in enumerate(
+                        zip(inv["mask_norms"], inv["anomaly_indices"], inv["success"], strict=False)
+                    )
+                ),
+            ),
+        ]
+    cleaning = det.get("teacher_cleaning")
+    if cleaning:
+        lines += [
+            f"Teacher cleaning: {cleaning.get('rounds_applied', 0)} of "
+            f"{len(cleaning.get('rounds', []))} round(s) applied; the cleaned model agrees with "
+            f"the original on {_pct(cleaning.get('agreement_with_original'))} of the synthetic "
+            "images.",
+            "",
+        ]
+        for i, rnd in enumerate(cleaning.get("rounds", []), 1):
+            verdict = "undone (the model lost its clean function)" if rnd.get("undone") else "kept"
+            lines.append(
+                f"- round {i}: {rnd.get('suppressed', 0)} channels pruned, agreement "
+                f"{_pct(rnd.get('agreement'))}, {verdict}"
+            )
+        lines.append("")
+    if "sensitivity_suppressed" in det:
+        lines += [
+            f"Rank sensitivity: {det['sensitivity_suppressed']} rank components that respond "
+            "to the inverted trigger far more than to clean synthetic images were pruned.",
+            "",
+        ]
+    hists = det.get("histograms", {})
+    rows = []
+    for when in ("before", "after"):
+        pgd = det.get(f"pgd_{when}")
+        if pgd is not None:
+            counts = hists.get(f"adversarial_{when}", [])
+            plot = f"plots/adversarial_{when}.png"
+            rows.append((f"PGD proxies, {when}", _top(counts), f"[{plot}]({plot})"))
+    if "inverted_trigger_after_share" in det:
+        rows.append(
+            (
+                "inverted trigger, after",
+                f"{_pct(det['inverted_trigger_after_share'])} still go to the target",
+                "-",
+            )
+        )
+    if rows:
+        lines += [
+            "Where adversarial synthetic images go (a backdoored model sends them to its "
+            "target; after purification they should spread over natural neighbours):",
+            "",
+            *_table(("signal", "top class", "plot"), rows),
+        ]
+    if "clp_pruned" in det:
+        lines += [f"CLP pruned {det['clp_pruned']} channels.", ""]
+    return lines
+
+
+def _evaluation(report: dict[str, Any]) -> list[str]:
+    ev = report.get("evaluation")
+    if not ev:
+        return []
+    return [
+        "## Evaluation on your data",
+        "",
+        *_table(("metric", "%"), ((k, f"{v:.2f}") for k, v in ev.items())),
+    ]
+
+
+def _timings(report: dict[str, Any]) -> list[str]:
+    rows = [(k, f"{v:.1f}") for k, v in report.get("timings_s", {}).items()]
+    rows += [(f"purify / {k}", f"{v:.1f}") for k, v in report.get("purify_timings_s", {}).items()]
+    return ["## Stage timings", "", *_table(("stage", "seconds"), rows)] if rows else []
+
+
+def _ranks(ranks: Sequence[int] | None) -> str:
+    return "x".join(map(str, ranks)) if ranks and any(ranks) else "-"
+
+
+def _layers(report: dict[str, Any]) -> list[str]:
+    layers = report.get("layers") or []
+    if not layers:
+        return []
+    biggest = sorted(layers, key=lambda d: -d.get("params_before", 0))[:MAX_LAYER_ROWS]
+    rows = (
+        (
+            f"`{d['name']}`",
+            d.get("kind", ""),
+            _ranks(d.get("full_ranks")),
+            _ranks(d.get("ranks")),
+            f"{d.get('params_before', 0):,}",
+            f"{d.get('params_after', 0):,}",
+        )
+        for d in biggest
+    )
+    more = len(layers) - len(biggest)
+    note = [f"{more} smaller layers are in report.json.", ""] if more > 0 else []
+    return [
+        "## Layers (largest first)",
+        "",
+        "![spectra](plots/spectra.png)",
+        "",
+        *_table(("layer", "kind", "full ranks", "kept ranks", "params", "params after"), rows),
+        *note,
+    ]
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The Markdown page of a job's ``report.json`` dictionary."""
+    lines = ["# cnc report", "", "![summary](plots/summary.png)", ""]
+    lines += _summary(report)
+    lines += _detection(report)
+    lines += _evaluation(report)
+    lines += _timings(report)
+    lines += _layers(report)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report_md(out_dir: Path, report: dict[str, Any]) -> Path:
+    """Write ``out_dir/report.md`` and return its path."""
+    path = Path(out_dir) / "report.md"
+    path.write_text(render_report(report), encoding="utf-8")
+    return path
