@@ -8,7 +8,8 @@
     detection of the target class); **teacher cleaning**: the original model's channels that
     respond to the inverted trigger far more than to clean synthetic images are zeroed,
     re-inverting between rounds (the synthetic images carry trigger features from the BN
-    statistics, so distilling the uncleaned model re-teaches the backdoor); Tucker-2
+    statistics, so distilling the uncleaned model re-teaches the backdoor), undone when the
+    cleaned model no longer agrees with the original on most synthetic images; Tucker-2
     compression of the cleaned model; suppression of the rank components that respond to the
     inverted trigger (rank-level sensitivity); BN recalibration on the synthetic images;
     fine-tuning by distillation from the cleaned model on clean synthetic images plus
