@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -236,34 +237,12 @@ def test_cli_purify_evaluates_on_user_data_and_writes_a_readable_report(
     args = [
         "purify",
         str(checkpoint),
-        "--arch",
-        "resnet18",
-        "--width",
-        "4",
-        "--num-classes",
-        "10",
-        "--mean",
-        "0.5",
-        "--std",
-        "0.25",
-        "--ratio",
-        "2",
-        "--quiet",
-        "--no-onnx",
-        "--set",
-        "latency_repeats=1",
-        "--set",
-        "latency_batches=[1]",
-        "--set",
-        "num_images=32",
-        "--set",
-        "synthesis_iterations=2",
-        "--set",
-        "epochs=1",
-        "--set",
-        "inversion_steps=2",
-        "--set",
-        "detect=false",
+        *shlex.split(
+            "--arch resnet18 --width 4 --num-classes 10 --mean 0.5 --std 0.25 --ratio 2 "
+            "--quiet --no-onnx --set latency_repeats=1 --set latency_batches=[1] "
+            "--set num_images=32 --set synthesis_iterations=2 --set epochs=1 "
+            "--set inversion_steps=2 --set detect=false"
+        ),
     ]
     out = tmp_path / "p"
     code = main(
