@@ -1,0 +1,98 @@
+"""Wall time of one purification, stage by stage (the issue's 5-minute budget on 2 cores).
+
+    .venv/bin/python bench/purify_time.py                      # BadNet all-to-one, 3x, preset
+    .venv/bin/python bench/purify_time.py --set num_images=512 --tag=-n512
+
+Runs ``purify`` once on a zoo model (width-16 ResNet-18, Fashion-MNIST, not CIFAR-10) from
+scratch: synthesis included, no cache, the ``cnc`` preset unless ``--set`` changes it. Run it
+on an otherwise idle machine: the figure is the machine's, and is named with it. Also scores
+the result on the first ``--eval-n`` test images so a faster setting shows what it costs.
+Writes ``bench/results/purify-time{tag}.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine  # noqa: E402
+from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
+from cnc_core.cli import parse_knob  # noqa: E402
+from cnc_core.compress import CompressConfig, split_compress_knobs  # noqa: E402
+from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
+from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attack", default="badnet-all2one")
+    p.add_argument("--ratio", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--eval-n", type=int, default=2000)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    attack, mode = args.attack.split("-", 1)
+    knobs = dict(parse_knob(item) for item in args.set)
+    cc_kwargs, knobs = split_compress_knobs(knobs)
+    cfg = PurifyConfig.from_knobs(
+        compress=CompressConfig(ratio=args.ratio, **cc_kwargs), knobs=knobs
+    )
+    model, _ = load_zoo_model(attack, mode, 16)
+    ms = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
+    t0 = time.perf_counter()
+    result = purify(model, cfg, input_shape=(3, 32, 32), **ms)
+    total = time.perf_counter() - t0
+
+    sets = eval_sets(attack, mode)
+    n = args.eval_n
+    clean, poisoned = sets["clean"], sets["poisoned"]
+    assert clean is not None and poisoned is not None
+    data = {
+        "machine": machine(),
+        "command": "python bench/purify_time.py " + " ".join(sys.argv[1:]),
+        "attack": args.attack,
+        "ratio": args.ratio,
+        "knobs": {**cc_kwargs, **knobs},
+        "seconds": total,
+        "stages": result.timings,
+        "acc": accuracy(result.model, clean[0][:n], clean[1][:n], **ms),
+        "asr": attack_success_rate(result.model, poisoned[0][:n], poisoned[1][:n], **ms),
+        "eval_n": n,
+    }
+    m = data["machine"]
+    lines = [
+        "# Purification wall time (width-16 ResNet-18, Fashion-MNIST, not CIFAR-10)",
+        "",
+        f"Machine: {m['processor']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch "
+        f"threads), torch {m['torch']}. Command: `{data['command']}`.",
+        "",
+        f"{args.attack} at {args.ratio:g}x, knobs {data['knobs'] or 'none (the cnc preset)'}: "
+        f"**{total:.0f} s** in all; ACC / ASR {data['acc']:.2f} / {data['asr']:.2f} on the "
+        f"first {n:,} test images.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in result.timings.items()],
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"purify-time{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
