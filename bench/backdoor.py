@@ -288,13 +288,25 @@ def to_markdown(data: dict[str, Any]) -> str:
 
 
 def merge(paths: list[Path], stem: Path) -> None:
-    """One table from runs split over attacks: results in the benchmark's attack order;
-    machine, floor and latency from the first file that has them; the commands listed."""
+    """One table from runs split over attacks, or from a full run and re-runs of some attacks:
+    a later file's rows replace an earlier file's rows of the same attack (row by row, so a
+    re-run of the cnc columns keeps the earlier baseline columns); results in the
+    benchmark's attack order; machine, floor and latency from the first file that has them;
+    the commands listed."""
     parts = [json.loads(p.read_text()) for p in paths]
     data = {**parts[0], "command": " ; ".join(p["command"] for p in parts)}
     order = {f"{a}-{m}": i for i, (a, m) in enumerate(ATTACKS)}
-    results = [r for p in parts for r in p["results"]]
-    data["results"] = sorted(results, key=lambda r: order.get(f"{r['attack']}-{r['mode']}", 99))
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for r in part["results"]:
+            name = f"{r['attack']}-{r['mode']}"
+            if name in merged:
+                merged[name]["rows"].update(r["rows"])
+            else:
+                merged[name] = {**r, "rows": dict(r["rows"])}
+    data["results"] = sorted(
+        merged.values(), key=lambda r: order.get(f"{r['attack']}-{r['mode']}", 99)
+    )
     for key in ("floor", "latency"):
         data[key] = next((p[key] for p in parts if p.get(key)), None)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
