@@ -223,6 +223,11 @@ def to_markdown(data: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('cuda_device') or m['processor']} ({m['cpu_count']} CPUs), torch "
         f"{m['torch']}, device {data['device']}. Command: `{data['command']}`.",
+        *(
+            f"Merged: `{part['command']}` ran on {part['machine']} "
+            f"({part['threads']} torch threads); its rows replace the earlier ones."
+            for part in data.get("merged_from", [])[1:]
+        ),
         f"ACC / ASR in % on the first {data.get('eval_n', 10_000):,} test images "
         "(ASR: all-to-one on non-target images; "
         "all-to-all as (y+1) mod 10). No real image is used by any defense.",
@@ -295,6 +300,14 @@ def merge(paths: list[Path], stem: Path) -> None:
     the commands listed."""
     parts = [json.loads(p.read_text()) for p in paths]
     data = {**parts[0], "command": " ; ".join(p["command"] for p in parts)}
+    data["merged_from"] = [
+        {
+            "command": p["command"],
+            "machine": p["machine"]["processor"],
+            "threads": p["machine"]["torch_threads"],
+        }
+        for p in parts
+    ]
     order = {f"{a}-{m}": i for i, (a, m) in enumerate(ATTACKS)}
     merged: dict[str, dict[str, Any]] = {}
     for part in parts:
