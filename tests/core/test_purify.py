@@ -106,10 +106,13 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     assert rounds[0]["suppressed"] > 0 and rounds[0]["undone"]
     assert guarded.detection["teacher_cleaning"]["rounds_applied"] == 0
     assert guarded.detection["teacher_cleaning"]["agreement_with_original"] == 1.0
-    plain = purify(model, _config("cnc", **loose, cleaning=False), **kw)
+    assert guarded.detection["finetune_selection"].startswith("last epoch")
+    # the trigger is untrusted: the same as no cleaning, keeping the last epoch
+    plain = purify(model, _config("cnc", **loose, cleaning=False, early_stopping=False), **kw)
     assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
     kept = purify(model, _config("cnc", **loose, cleaning_min_agreement=0.0), **kw)
     assert kept.detection["teacher_cleaning"]["rounds_applied"] == 1
+    assert kept.detection["finetune_selection"] == "best epoch"
     assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
 
 
