@@ -118,6 +118,8 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 f"{_pct(rnd.get('agreement'))}, {verdict}"
             )
         lines.append("")
+    if "finetune_selection" in det:
+        lines += [f"Fine-tuning kept the {det['finetune_selection']}.", ""]
     if "sensitivity_suppressed" in det:
         lines += [
             f"Rank sensitivity: {det['sensitivity_suppressed']} rank components that respond "
