@@ -86,17 +86,20 @@ class CompressConfig:
             raise CompressionError(f"rank_multiple must be in [1, 1024], got {self.rank_multiple}")
 
 
-def split_compress_knobs(knobs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split flat knobs into :class:`CompressConfig` keyword arguments and the rest.
+#: The :class:`CompressConfig` fields that are flat knobs: all but ``ratio`` and
+#: ``param_budget`` (the caller sets the target).
+COMPRESS_KNOBS = frozenset(f.name for f in fields(CompressConfig)) - {"ratio", "param_budget"}
 
-    ``ratio`` and ``param_budget`` are not knobs (the caller sets the target); a JSON list
-    for ``exclude`` becomes the tuple the frozen config needs.
+
+def split_compress_knobs(knobs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat knobs into :class:`CompressConfig` keyword arguments (names in
+    :data:`COMPRESS_KNOBS`) and the rest; a JSON list for ``exclude`` becomes the tuple the
+    frozen config needs.
     """
-    names = {f.name for f in fields(CompressConfig)} - {"ratio", "param_budget"}
-    cc = {k: v for k, v in knobs.items() if k in names}
+    cc = {k: v for k, v in knobs.items() if k in COMPRESS_KNOBS}
     if "exclude" in cc:
         cc["exclude"] = tuple(cc["exclude"])
-    return cc, {k: v for k, v in knobs.items() if k not in names}
+    return cc, {k: v for k, v in knobs.items() if k not in COMPRESS_KNOBS}
 
 
 @dataclass

@@ -9,14 +9,14 @@ service can store it as JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cnc_core import __version__
-from cnc_core.compress import CompressConfig, compress, split_compress_knobs
+from cnc_core.compress import COMPRESS_KNOBS, CompressConfig, compress, split_compress_knobs
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
 from cnc_core.metrics import measure_latency, model_stats
@@ -118,10 +118,7 @@ def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], d
 
 def advanced_knob_names() -> frozenset[str]:
     """Every name ``advanced`` accepts: job, compression and purification knobs."""
-    compress_names, _ = split_compress_knobs(
-        {f.name: () for f in fields(CompressConfig)}
-    )
-    return frozenset(JOB_KNOBS) | frozenset(compress_names) | frozenset(_purify_fn().KNOBS)
+    return frozenset(JOB_KNOBS) | COMPRESS_KNOBS | frozenset(_purify_fn().KNOBS)
 
 
 def _purify_fn() -> Any:
@@ -260,8 +257,6 @@ def run_job(
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report_data, indent=2, default=json_default))
     artifacts["report.json"] = report_path
-    report_data["timings_s"] = dict(plan.timings)
-    report_path.write_text(json.dumps(report_data, indent=2, default=json_default))
     artifacts["report.md"] = write_report_md(out_dir, report_data)
     return JobResult(
         out_dir=out_dir,
