@@ -59,7 +59,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(method: str, ratio: float, seed: int, knobs: dict[str, Any]) -> PurifyConfig:
+def purify_config(method: str, ratio: float, seed: int, knobs: dict[str, Any]) -> PurifyConfig:
+    """The ``method`` preset at ``ratio`` with flat knobs (compression ones included)."""
     cc_kwargs, rest = split_compress_knobs(knobs)
     base = PurifyConfig.for_method(method, seed=seed).compress
     cc = dataclasses.replace(base, ratio=ratio, **cc_kwargs)
@@ -102,7 +103,7 @@ def evaluate_model(
         synthetic: torch.Tensor | None = None,
         proxies: Any = None,
     ) -> Any:
-        cfg = _config(method, ratio, args.seed, {**args.knobs, **(knobs or {})})
+        cfg = purify_config(method, ratio, args.seed, {**args.knobs, **(knobs or {})})
         t0 = time.perf_counter()
         result = purify(
             model,
@@ -139,7 +140,7 @@ def evaluate_model(
             continue
         # Synthetic images are made once per model and shared across ratios (they depend
         # only on the original model); the standalone wall time adds their cost back.
-        cfg = _config(method, args.ratios[0], args.seed, args.knobs)
+        cfg = purify_config(method, args.ratios[0], args.seed, args.knobs)
         synthetic, made = cached_synthetic(
             model,
             dataclasses.replace(cfg.synthesis, image_shape=SHAPE),
@@ -180,7 +181,7 @@ def latency_table(args: argparse.Namespace, device: torch.device) -> list[dict[s
 
     models = {"original": model}
     for ratio in args.ratios:
-        cc = _config("cnc", ratio, args.seed, args.knobs).compress
+        cc = purify_config("cnc", ratio, args.seed, args.knobs).compress
         models[f"{ratio:g}x"] = compress(model, cc).model.eval()
     out = []
     lat = {
@@ -262,11 +263,7 @@ def to_markdown(data: dict[str, Any]) -> str:
     for r in results:
         cells = [
             f"{r['rows'][c]['params']:,} / {r['rows'][c]['seconds']:.0f}s"
-            + (
-                "*"
-                if "synthesis_seconds" in r["rows"][c] and r["rows"][c]["synthesis_seconds"] is None
-                else ""
-            )
+            + ("*" if r["rows"][c].get("synthesis_seconds", 0) is None else "")
             if c in r["rows"]
             else "-"
             for c in columns

@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.backdoor import purify_config  # noqa: E402
 from bench.common import machine  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
-from cnc_core.compress import CompressConfig, split_compress_knobs  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
-from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+from cnc_core.purify.pipeline import purify  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,10 +46,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     attack, mode = args.attack.split("-", 1)
     knobs = dict(parse_knob(item) for item in args.set)
-    cc_kwargs, knobs = split_compress_knobs(knobs)
-    cfg = PurifyConfig.from_knobs(
-        compress=CompressConfig(ratio=args.ratio, **cc_kwargs), knobs=knobs
-    )
+    cfg = purify_config("cnc", args.ratio, 0, knobs)
     model, _ = load_zoo_model(attack, mode, 16)
     ms = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
     t0 = time.perf_counter()
@@ -65,7 +62,7 @@ def main() -> None:
         "command": "python bench/purify_time.py " + " ".join(sys.argv[1:]),
         "attack": args.attack,
         "ratio": args.ratio,
-        "knobs": {**cc_kwargs, **knobs},
+        "knobs": knobs,
         "seconds": total,
         "stages": result.timings,
         "acc": accuracy(result.model, clean[0][:n], clean[1][:n], **ms),

@@ -205,12 +205,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_spec(config: Any) -> Any:
+    """The :class:`~cnc_core.export.ModelSpec` of a JobConfig (architecture and input)."""
+    from cnc_core.export import ModelSpec
+
+    return ModelSpec(
+        arch=config.arch,
+        num_classes=config.num_classes,
+        in_chans=config.in_chans,
+        width=config.width,
+        input_size=config.input_size,
+    )
+
+
 def _eval_sets(args: argparse.Namespace, config: Any) -> dict[str, tuple[Any, Any]]:
     """The user's evaluation sets, read and checked BEFORE the job runs (a wrong shape is an
     error in a second, not after minutes of purification): ``{"ACC": ..., "ASR": ...}``."""
     from cnc_core.evaluate import load_eval_npz
 
-    expected = (config.in_chans, config.input_size, config.input_size)
+    expected = _model_spec(config).input_shape
     sets = {}
     for flag, label in (("eval_clean", "ACC"), ("eval_poisoned", "ASR")):
         path = getattr(args, flag, None)
@@ -234,17 +247,10 @@ def _evaluate(
 ) -> dict[str, float]:
     """ACC / ASR of the original and the compact model on the user's own data."""
     from cnc_core.evaluate import accuracy
-    from cnc_core.export import ModelSpec, load_compact
+    from cnc_core.export import load_compact
     from cnc_core.io import load_checkpoint
 
-    spec = ModelSpec(
-        arch=config.arch,
-        num_classes=config.num_classes,
-        in_chans=config.in_chans,
-        width=config.width,
-        input_size=config.input_size,
-    )
-    original = load_checkpoint(args.model, spec.build())
+    original = load_checkpoint(args.model, _model_spec(config).build())
     compact = load_compact(result.out_dir)
     out: dict[str, float] = {}
     for label, (images, labels) in sets.items():

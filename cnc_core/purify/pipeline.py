@@ -459,19 +459,18 @@ def purify(
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
     kd_teacher = teacher
-    ft_selection = "best epoch" if config.finetune.early_stopping else "last epoch"
+    trigger_untrusted = False
     if config.teacher_cleaning is not None and proxies.inversion is not None:
         with plan.stage("cleaning"):
             kd_teacher, cleaning = _clean_teacher(
                 teacher, clean, proxies, config, mean, std, num_classes, plan.nested("cleaning")
             )
         detection["teacher_cleaning"] = cleaning
-        if cleaning["rounds_applied"] == 0:
-            # The guard undid the cleaning: the inverted trigger is likely the wrong class, so
-            # the held-out "proxy fix" score is no guide (it falls as training goes on and
-            # restored epoch 2 of 30 on WaNet: 61.5% ACC, against 72.8% / 2.9% ASR for the
-            # last epoch, explore-purify.md 4g): keep the last epoch instead.
-            ft_selection = "last epoch (inverted trigger untrusted)"
+        # The guard undid the cleaning: the inverted trigger is likely the wrong class, so the
+        # held-out "proxy fix" score is no guide (it falls as training goes on and restored
+        # epoch 2 of 30 on WaNet: 61.5% ACC, against 72.8% / 2.9% ASR for the last epoch,
+        # explore-purify.md 4g): fine-tuning keeps the last epoch instead.
+        trigger_untrusted = cleaning["rounds_applied"] == 0
 
     with plan.stage("compress"):
         cres = compress(kd_teacher, config.compress, progress=plan.nested("compress"))
@@ -491,12 +490,15 @@ def purify(
             )
         detection["sensitivity_suppressed"] = sens.num_suppressed
 
+    best_epoch = config.finetune.early_stopping and not trigger_untrusted
     ft_cfg = dataclasses.replace(
-        config.finetune,
-        refresh_every=config.refresh_every,
-        early_stopping=ft_selection == "best epoch",
+        config.finetune, refresh_every=config.refresh_every, early_stopping=best_epoch
     )
-    detection["finetune_selection"] = ft_selection
+    detection["finetune_selection"] = (
+        "best epoch"
+        if best_epoch
+        else "last epoch" + (" (inverted trigger untrusted)" if trigger_untrusted else "")
+    )
     stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
     with plan.stage("finetune"):
         if stamp is not None:
