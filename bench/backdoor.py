@@ -365,6 +365,12 @@ def main() -> None:
         "backdoor-w{W}{tag}.md/.json; nothing is run",
     )
     parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where backdoor-w{W}{tag}.md/.json go (rewritten after each attack)",
+    )
+    parser.add_argument(
         "--data-root",
         type=Path,
         default=DEFAULT_DATA_ROOT,
@@ -374,7 +380,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.merge:
-        merge(args.merge, RESULTS / f"backdoor-w{args.width}{args.tag}")
+        merge(args.merge, args.results_dir / f"backdoor-w{args.width}{args.tag}")
         return
     args.knobs = dict(parse_knob(item) for item in args.set)
     device = torch.device(
@@ -392,8 +398,8 @@ def main() -> None:
         "knobs": args.knobs,
         "results": [],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"backdoor-w{args.width}{args.tag}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"backdoor-w{args.width}{args.tag}"
     data["floor"] = floor_asr(args, device)
     for attack, mode in chosen:
         data["results"].append(evaluate_model(attack, mode, args, device))

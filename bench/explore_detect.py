@@ -24,7 +24,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.explore_purify import CACHE, LOG, model_key  # noqa: E402
+from bench.explore_purify import LOG  # noqa: E402
+from bench.synth_cache import cached_synthetic, model_key, synth_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize  # noqa: E402
 from cnc_core.purify.proxies import (  # noqa: E402
@@ -36,7 +37,7 @@ from cnc_core.purify.proxies import (  # noqa: E402
     make_proxies,
     predict,
 )
-from cnc_core.purify.synthesis import SynthesisConfig, synthesize  # noqa: E402
+from cnc_core.purify.synthesis import SynthesisConfig  # noqa: E402
 
 MS = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 
@@ -66,25 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         statistics=args.statistics,
         seed=args.seed,
     )
-    path = CACHE / (
-        f"{key}-synth-n{s.num_images}-it{s.iterations}-cw{s.class_weight}-{s.statistics}"
-        f"-s{s.seed}.pt"
-    )
-    t0 = time.perf_counter()
-    if path.exists():
-        synth = torch.load(path, weights_only=True)
-    else:
-        synth = synthesize(model, s, **MS)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(synth, path)
-    t_synth = time.perf_counter() - t0
+    synth, made = cached_synthetic(model, s, key, **MS)
+    t_synth = made["seconds"] or 0.0
     sets = eval_sets(args.attack, args.mode)
     xc, yc = sets["clean"][0][:1000], sets["clean"][1][:1000]  # type: ignore[index]
     pred_synth = predict(model, synth)
     out: dict = {
         "kind": "detect",
         "attack": key,
-        "synth": path.name,
+        "synth": synth_key(s),
         "synth_s": round(t_synth, 1),
         "synth_class_hist": torch.bincount(pred_synth, minlength=10).tolist(),
     }

@@ -34,8 +34,12 @@ def model_key(attack: str, mode: str, width: int = 16) -> str:
 
 
 def synth_key(s: SynthesisConfig) -> str:
-    """The settings part of a cache name."""
-    return f"n{s.num_images}-it{s.iterations}-cw{s.class_weight}-s{s.seed}"
+    """The settings part of a cache name: every setting that changes the images (batch
+    statistics depend on the batch size, so it is part of the key)."""
+    return (
+        f"n{s.num_images}-it{s.iterations}-b{s.batch_size}-lr{s.lr:g}-cw{s.class_weight:g}"
+        f"-{s.statistics}-s{s.seed}"
+    )
 
 
 def cached_synthetic(
@@ -54,10 +58,7 @@ def cached_synthetic(
     the sidecars).
     """
     s = config
-    path = CACHE / (
-        f"{key}-synth-n{s.num_images}-it{s.iterations}-cw{s.class_weight}-{s.statistics}"
-        f"-s{s.seed}.pt"
-    )
+    path = CACHE / f"{key}-synth-{synth_key(s)}.pt"
     sidecar = path.with_suffix(".json")
     if path.exists():
         record = json.loads(sidecar.read_text()) if sidecar.exists() else {"seconds": None}
