@@ -122,10 +122,13 @@ def evaluate_model(
             "seconds": seconds,
             "suspected_target": result.suspected_target,
             "timings": result.timings,
+            "detection": result.detection,
+            "best_epoch": result.finetune.best_epoch if result.finetune else None,
         }
         rows[label] = row
         print(
-            f"[{name}] {label}: {json.dumps({k: v for k, v in row.items() if k != 'timings'})}",
+            f"[{name}] {label}: "
+            + json.dumps({k: v for k, v in row.items() if k not in ("timings", "detection")}),
             flush=True,
         )
         return result
@@ -300,7 +303,7 @@ def merge(paths: list[Path], stem: Path) -> None:
     data["merged_from"] = [
         {
             "command": p["command"],
-            "machine": p["machine"]["processor"],
+            "machine": p["machine"].get("cuda_device") or p["machine"]["processor"],
             "threads": p["machine"]["torch_threads"],
         }
         for p in parts

@@ -28,6 +28,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def reference_gflops(size: int = 512, repeats: int = 20) -> float:
+    """The machine's speed right now: fp32 GFLOP/s of a ``size`` x ``size`` matrix product
+    (median of ``repeats``) with the current torch threads. Measured before and after a timed
+    run, it shows whether the machine was slower (or shared) that day: one 2-core EPYC gave
+    the same purification in 554 s one day and 214 s another."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times[2:]) / 1e9
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -91,8 +106,7 @@ def interleaved_onnx_latency(
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"])
-                for p in paths]
+    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.backdoor import purify_config  # noqa: E402
-from bench.common import machine  # noqa: E402
+from bench.common import machine, reference_gflops  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
@@ -49,9 +49,11 @@ def main() -> None:
     cfg = purify_config("cnc", args.ratio, 0, knobs)
     model, _ = load_zoo_model(attack, mode, 16)
     ms = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
+    speed_before = reference_gflops()
     t0 = time.perf_counter()
     result = purify(model, cfg, input_shape=(3, 32, 32), **ms)
     total = time.perf_counter() - t0
+    speed_after = reference_gflops()
 
     sets = eval_sets(attack, mode)
     n = args.eval_n
@@ -68,6 +70,7 @@ def main() -> None:
         "acc": accuracy(result.model, clean[0][:n], clean[1][:n], **ms),
         "asr": attack_success_rate(result.model, poisoned[0][:n], poisoned[1][:n], **ms),
         "eval_n": n,
+        "reference_gflops": {"before": speed_before, "after": speed_after},
     }
     m = data["machine"]
     lines = [
@@ -75,6 +78,8 @@ def main() -> None:
         "",
         f"Machine: {m['processor']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch "
         f"threads), torch {m['torch']}. Command: `{data['command']}`.",
+        f"Machine speed (fp32 512x512 matrix product, GFLOP/s): {speed_before:.0f} before the "
+        f"run, {speed_after:.0f} after; compare it across runs before comparing their times.",
         "",
         f"{args.attack} at {args.ratio:g}x, knobs {data['knobs'] or 'none (the cnc preset)'}: "
         f"**{total:.0f} s** in all; ACC / ASR {data['acc']:.2f} / {data['asr']:.2f} on the "

@@ -99,8 +99,10 @@ class PurifyConfig:
     # Data-free guard: a cleaning round is undone (and cleaning stops) when the cleaned model
     # agrees with the original on fewer than this share of the clean synthetic images. Cleaning
     # with a wrongly named target collapsed WaNet's model to one class (agreement 0.31, against
-    # 0.76 for a correct BadNet cleaning; explore-purify.md section 4g).
-    cleaning_min_agreement: float = 0.5
+    # 0.76 for a correct BadNet cleaning; explore-purify.md section 4g); with 2,048 synthetic
+    # images it collapsed just as hard at 0.506, so the bar sits at 0.65, below every correct
+    # cleaning measured (0.70-0.92) and above both collapses (section 4h).
+    cleaning_min_agreement: float = 0.65
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
