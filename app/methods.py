@@ -29,6 +29,9 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         # purification (cnc_core.purify.pipeline.KNOBS)
         "augment",
         "batch_size",
+        "blend_alpha",
+        "blend_noise",
+        "blend_proxy",
         "bn_mode",
         "class_weight",
         "cleaning",
@@ -41,6 +44,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "detect",
         "early_stopping",
         "epochs",
+        "feature_depth",
         "feature_weight",
         "flip",
         "inversion_l1",

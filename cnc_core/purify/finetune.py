@@ -62,6 +62,9 @@ class FinetuneConfig:
     # teacher's mean square. Dense, per-pixel supervision from each synthetic image, where the
     # logits give ten numbers; 0 turns it off.
     feature_weight: float = 0.0
+    # Share of those BN layers distilled, the shallowest first (1.0: all). Distilling only
+    # the shallow half or quarter did not keep the blended backdoor out (explore-purify.md 4i).
+    feature_depth: float = 1.0
     bn_mode: str = "eval"
     recalibrate: bool = True  # recalibrate BN statistics on the synthetic images first
     # ... and once more at the end: with bn_mode "train" the running statistics drift with
@@ -183,9 +186,10 @@ def _kd(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
 class _BNTaps:
     """Forward hooks collecting the outputs of the BN layers that two models share by name."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, depth: float = 1.0) -> None:
         s_bns, t_bns = dict(_named_bns(student)), dict(_named_bns(teacher))
-        self.names = [n for n in s_bns if n in t_bns]
+        shared = [n for n in s_bns if n in t_bns]  # in module order: shallow to deep
+        self.names = shared[: max(1, round(depth * len(shared)))] if shared else []
         self.student: dict[str, Tensor] = {}
         self.teacher: dict[str, Tensor] = {}
         self._handles = [
@@ -379,7 +383,7 @@ def finetune(
         best_state = copy.deepcopy(student.state_dict())
     bad = 0
     step = 0
-    taps = _BNTaps(student, teacher) if config.feature_weight > 0 else None
+    taps = _BNTaps(student, teacher, config.feature_depth) if config.feature_weight > 0 else None
     try:
         for epoch in range(1, config.epochs + 1):
             refresh_due = (

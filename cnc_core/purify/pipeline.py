@@ -55,8 +55,12 @@ from cnc_core.purify.proxies import (
     TriggerInversionConfig,
     adversarial_histogram,
     apply_trigger,
+    blend_triggers,
     chosen_triggers,
+    class_histogram,
     make_proxies,
+    mean_difference_pattern,
+    mixed_stamp,
     perturbation_stamp,
     predict,
     trigger_inversion,
@@ -110,6 +114,14 @@ class PurifyConfig:
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
     # fly on each clean training batch instead of training on a fixed set of proxy images.
     online_proxies: bool = True
+    # Blend proxies stamped beside the inverted trigger during fine-tuning (half the stamped
+    # images each): "mean_diff" blends the mean-difference pattern of the synthetic images the
+    # model assigns to the suspected target (:func:`mean_difference_pattern`), "noise" blends
+    # ``blend_noise`` seeded uniform-noise patterns, "both" does both, "none" neither. A
+    # Neural-Cleanse mask is a poor proxy for a whole-image blend (explore-purify.md 4i).
+    blend_proxy: str = "none"
+    blend_alpha: float = 0.2
+    blend_noise: int = 8
     detect: bool = True  # PGD class histogram before and after (the detection signal)
     detect_images: int = 256
     detect_pgd: PGDConfig = field(default_factory=lambda: PGDConfig(eps=8 / 255, steps=10))
@@ -211,6 +223,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "kd_weight": ("finetune", "kd_weight"),
     "proxy_weight": ("finetune", "proxy_weight"),
     "feature_weight": ("finetune", "feature_weight"),
+    "feature_depth": ("finetune", "feature_depth"),
     "bn_mode": ("finetune", "bn_mode"),
     "early_stopping": ("finetune", "early_stopping"),
     "patience": ("finetune", "patience"),
@@ -227,6 +240,9 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "recalibrate": ("recalibrate",),
     "refresh_every": ("refresh_every",),
     "online_proxies": ("online_proxies",),
+    "blend_proxy": ("blend_proxy",),
+    "blend_alpha": ("blend_alpha",),
+    "blend_noise": ("blend_noise",),
     "augment": ("finetune", "augment"),
     "shift": ("finetune", "shift"),
     "flip": ("finetune", "flip"),
@@ -502,6 +518,11 @@ def purify(
         else "last epoch" + (" (inverted trigger untrusted)" if trigger_untrusted else "")
     )
     stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
+    if config.blend_proxy != "none" and stamp is not None:
+        blend, detection["blend_proxy"] = _blend_stamp(
+            config, teacher, clean, proxies.suspected_target, mean, std, num_classes
+        )
+        stamp = mixed_stamp([stamp, blend]) if blend is not None else stamp
     with plan.stage("finetune"):
         if stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
@@ -628,6 +649,48 @@ def _stamp_of(
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
+
+
+BLEND_PROXIES = ("none", "mean_diff", "noise", "both")
+
+
+def _blend_stamp(
+    config: PurifyConfig,
+    teacher: nn.Module,
+    clean: Tensor,
+    target: int | None,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    num_classes: int,
+) -> tuple[StampFn | None, dict[str, Any]]:
+    """The blend proxies of ``config.blend_proxy`` as one stamp, and what they do to the
+    original model on the synthetic images (a detection signal of its own: the share of them
+    each pattern sends to one class)."""
+    if config.blend_proxy not in BLEND_PROXIES:
+        raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
+    c, h, w = clean.shape[1:]
+    patterns = []
+    if config.blend_proxy in ("mean_diff", "both") and target is not None:
+        d = mean_difference_pattern(teacher, clean, target, mean=mean, std=std)
+        if d is not None:
+            patterns.append(d[None])
+    if config.blend_proxy in ("noise", "both") and config.blend_noise > 0:
+        gen = torch.Generator(device="cpu").manual_seed(config.seed + 7)
+        patterns.append(torch.rand(config.blend_noise, c, h, w, generator=gen).to(clean.device))
+    if not patterns:
+        return None, {"kind": config.blend_proxy, "patterns": 0}
+    p = torch.cat(patterns)
+    masks, p = blend_triggers(p, config.blend_alpha, (h, w))
+    probe = clean[: config.detect_images]
+    shares = []
+    for k in range(p.shape[0]):
+        pred = predict(teacher, apply_trigger(probe, masks[k], p[k], mean=mean, std=std))
+        hist = class_histogram(pred, num_classes)
+        top = max(range(num_classes), key=lambda j: hist[j])
+        shares.append({"top_class": top, "share": hist[top] / max(len(pred), 1)})
+    info = {"kind": config.blend_proxy, "patterns": p.shape[0], "alpha": config.blend_alpha}
+    info["original_model_top_class"] = shares
+    return trigger_stamp(masks, p, mean=mean, std=std), info
 
 
 def _stamp_refresher(

@@ -544,6 +544,35 @@ def trigger_stamp(
     return stamp
 
 
+@torch.no_grad()
+def mean_difference_pattern(
+    model: nn.Module, images: Tensor, target: int, *, mean: Norm = 0.0, std: Norm = 1.0
+) -> Tensor | None:
+    """A blend-trigger estimate from synthetic images: the pixel-space mean of the images
+    ``model`` assigns to ``target`` minus the mean of the rest, min-max scaled to [0, 1].
+
+    ZeroQ images carry the trigger (they match BN statistics of poisoned training data, and
+    the backdoored model assigns ~2x the natural share of them to the target,
+    explore-purify.md 3), so what the target's images have in common beyond the other
+    classes' is partly the trigger. ``(C, H, W)``, or None when either group is empty.
+    """
+    pred = predict(model, images)
+    c = images.shape[1]
+    pix = images * to_tensor_stats(std, c, images.device) + to_tensor_stats(mean, c, images.device)
+    inside, outside = pix[pred == target], pix[pred != target]
+    if not inside.shape[0] or not outside.shape[0]:
+        return None
+    d = inside.mean(0) - outside.mean(0)
+    return (d - d.min()) / (d.max() - d.min()).clamp_min(1e-12)
+
+
+def blend_triggers(patterns: Tensor, alpha: float, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Masks and patterns (for :func:`trigger_stamp`) blending each of ``patterns``
+    ``(K, C, H, W)`` over the whole image at opacity ``alpha``: ``x' = (1 - a) x + a p``."""
+    masks = torch.full((patterns.shape[0], 1, *size), float(alpha), device=patterns.device)
+    return masks, patterns
+
+
 def perturbation_stamp(
     delta: Tensor, *, mean: Norm = 0.0, std: Norm = 1.0
 ) -> Callable[[Tensor, torch.Generator], Tensor]:
@@ -552,6 +581,26 @@ def perturbation_stamp(
     def stamp(images: Tensor, generator: torch.Generator) -> Tensor:
         lo, hi = normalisation_bounds(mean, std, images.shape[1], images.device)
         return torch.max(torch.min(images + delta.to(images.device), hi), lo)
+
+    return stamp
+
+
+def mixed_stamp(
+    stamps: list[Callable[[Tensor, torch.Generator], Tensor]],
+) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """A ``stamp`` giving each image one of ``stamps``, drawn uniformly (so a family of
+    one inverted trigger weighs as much as a family of several blend patterns)."""
+    if len(stamps) == 1:
+        return stamps[0]
+
+    def stamp(images: Tensor, generator: torch.Generator) -> Tensor:
+        pick = torch.randint(0, len(stamps), (images.shape[0],), generator=generator)
+        out = images.clone()
+        for j, fn in enumerate(stamps):
+            idx = torch.nonzero(pick == j).flatten().to(images.device)
+            if idx.numel():
+                out[idx] = fn(images[idx], generator)
+        return out
 
     return stamp
 

@@ -174,3 +174,21 @@ def test_feature_distillation_matches_bn_outputs_and_removes_its_hooks() -> None
     # every hook is gone: the teacher and student run without collecting anything
     assert not any(m._forward_hooks for m in teacher.modules())
     assert not any(m._forward_hooks for m in feat.modules())
+
+
+def test_feature_depth_distils_only_the_shallowest_bn_layers() -> None:
+    from cnc_core.purify.finetune import _BNTaps
+
+    teacher = tiny_net(seed=1)
+    student = _damaged_student(teacher)
+    bns = [n for n, m in student.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) >= 2
+    taps = _BNTaps(student, teacher, depth=0.5)
+    try:
+        assert taps.names == bns[: round(0.5 * len(bns))]
+    finally:
+        taps.close()
+    # any depth keeps at least the first layer
+    tiny = _BNTaps(student, teacher, depth=0.01)
+    assert tiny.names == bns[:1]
+    tiny.close()

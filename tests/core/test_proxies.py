@@ -155,3 +155,35 @@ def test_proxies_cancel_within_one_step() -> None:
     with pytest.raises(Cancelled):
         make_proxies(net, x, cfg, progress=listener)
     assert len(calls) == 2
+
+
+def test_mean_difference_pattern_finds_what_the_target_images_share() -> None:
+    """Images the model sends to the target carry a bright corner: the pattern peaks there."""
+    from cnc_core.purify.proxies import mean_difference_pattern
+
+    class CornerNet(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            corner = x[:, :, -2:, -2:].mean((1, 2, 3))
+            return torch.stack([corner, 0.5 * torch.ones_like(corner)], 1)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 8, 8, generator=g) * 0.4
+    images[:15, :, -2:, -2:] = 1.0
+    pattern = mean_difference_pattern(CornerNet(), images, 0)
+    assert pattern is not None and pattern.shape == (3, 8, 8)
+    assert float(pattern.min()) == 0.0 and float(pattern.max()) == 1.0
+    assert pattern[:, -2:, -2:].mean() > 0.9 > 0.5 > pattern[:, :-2, :-2].mean()
+    assert mean_difference_pattern(CornerNet(), images[15:], 0) is None  # no target image
+
+
+def test_mixed_stamp_gives_each_image_one_stamp() -> None:
+    from cnc_core.purify.proxies import mixed_stamp
+
+    images = torch.zeros(64, 1, 4, 4)
+    stamp = mixed_stamp([lambda x, g: x + 1, lambda x, g: x + 2])
+    out = stamp(images, torch.Generator().manual_seed(0))
+    values = out.flatten(1)[:, 0]
+    assert set(values.tolist()) == {1.0, 2.0}
+    assert 10 < int((values == 1).sum()) < 54
+    again = stamp(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)

@@ -193,3 +193,23 @@ def test_proxy_driven_channel_pruning_removes_a_planted_backdoor() -> None:
     assert res.num_suppressed > 0
     acc, asr = acc_asr(cleaned)
     assert acc_asr(net)[1] > 0.9 and asr < 0.2 and acc > 0.5
+
+
+def test_blend_proxies_are_stamped_beside_the_inverted_trigger() -> None:
+    """blend_proxy adds whole-image blends to the unlearning stamps and reports what each
+    pattern does to the original model; "none" (the default) leaves the pipeline unchanged."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    plain = purify(model, _config("cnc", detect=False), **kw)
+    assert "blend_proxy" not in plain.detection
+    both = purify(model, _config("cnc", detect=False, blend_proxy="both", blend_noise=3), **kw)
+    info = both.detection["blend_proxy"]
+    assert info["kind"] == "both" and info["alpha"] == 0.2
+    # the mean-difference pattern (when the suspected target has images) and 3 noise patterns
+    assert info["patterns"] in (3, 4)
+    assert len(info["original_model_top_class"]) == info["patterns"]
+    assert all(0 < s["share"] <= 1 for s in info["original_model_top_class"])
+    assert not torch.allclose(both.model(x), plain.model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="blend_proxy"):
+        purify(model, _config("cnc", detect=False, blend_proxy="stripes"), **kw)
