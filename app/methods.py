@@ -72,6 +72,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "synthesis_iterations",
         "synthesis_lr",
         "temperature",
+        "tv_weight",
         "universal_eps",
         "weight_decay",
     }

@@ -209,6 +209,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "synthesis_batch_size": ("synthesis", "batch_size"),
     "synthesis_lr": ("synthesis", "lr"),
     "class_weight": ("synthesis", "class_weight"),
+    "tv_weight": ("synthesis", "tv_weight"),
     "proxy": ("proxy", "kind"),
     "pgd_eps": ("proxy", "pgd", "eps"),
     "pgd_steps": ("proxy", "pgd", "steps"),

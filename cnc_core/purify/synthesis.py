@@ -58,6 +58,9 @@ class SynthesisConfig:
     plateau_patience: int = 50  # ReduceLROnPlateau patience, in steps
     min_lr: float = 1e-4
     input_weight: float = 1.0  # ZeroQ also matches the input's own mean 0 / std 1
+    # DeepInversion's image prior (Yin et al., CVPR 2020): weight of the total variation
+    # (mean squared difference of neighbouring pixels, normalised space). 0 = plain ZeroQ.
+    tv_weight: float = 0.0
 
 
 def to_tensor_stats(
@@ -143,6 +146,13 @@ def _input_loss(x: Tensor, per_sample: bool) -> Tensor:
         return (mu.pow(2).sum(0) + (sigma - 1).pow(2).sum(0)).mean()
     flat2 = flat.reshape(x.shape[1], -1)
     return torch.linalg.vector_norm(flat2.mean(1)) + torch.linalg.vector_norm(flat2.std(1) - 1)
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Mean squared difference between vertically and horizontally neighbouring pixels."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(
+        2
+    ).mean()
 
 
 @torch.no_grad()
@@ -256,6 +266,8 @@ def synthesize(
                 loss = recorder.pop()
                 if config.input_weight > 0:
                     loss = loss + config.input_weight * _input_loss(x, per_sample)
+                if config.tv_weight > 0:
+                    loss = loss + config.tv_weight * total_variation(x)
                 if assigned is not None:
                     loss = loss + config.class_weight * F.cross_entropy(
                         logits, assigned[start : start + n]
