@@ -79,6 +79,7 @@ METHODS = ("cnc", "cnc-paper", "clp", "compress")
 
 #: Teacher cleaning chosen by measurement (explore-purify.md): outliers at 3 MADs, at most
 #: 10% of a layer's channels, plain conv channels included.
+BLEND_PROXIES = ("none", "mean_diff", "noise", "both")  # PurifyConfig.blend_proxy
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
 
 
@@ -399,6 +400,8 @@ def purify(
     """
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.blend_proxy not in BLEND_PROXIES:
+        raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
     device = torch.device(device)
     shape = tuple(input_shape[-3:])
     teacher = copy.deepcopy(model).to(device).eval()
@@ -652,9 +655,6 @@ def _stamp_of(
     return None
 
 
-BLEND_PROXIES = ("none", "mean_diff", "noise", "both")
-
-
 def _blend_stamp(
     config: PurifyConfig,
     teacher: nn.Module,
@@ -667,8 +667,6 @@ def _blend_stamp(
     """The blend proxies of ``config.blend_proxy`` as one stamp, and what they do to the
     original model on the synthetic images (a detection signal of its own: the share of them
     each pattern sends to one class)."""
-    if config.blend_proxy not in BLEND_PROXIES:
-        raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
     c, h, w = clean.shape[1:]
     patterns = []
     if config.blend_proxy in ("mean_diff", "both") and target is not None:
