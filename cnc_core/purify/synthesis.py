@@ -151,9 +151,9 @@ def _input_loss(x: Tensor, per_sample: bool) -> Tensor:
 
 def total_variation(x: Tensor) -> Tensor:
     """Mean squared difference between vertically and horizontally neighbouring pixels."""
-    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(
-        2
-    ).mean()
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
+    horizontal = (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+    return vertical + horizontal
 
 
 @torch.no_grad()
