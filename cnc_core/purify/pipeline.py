@@ -66,6 +66,7 @@ from cnc_core.purify.proxies import (
     trigger_inversion,
     trigger_stamp,
 )
+from cnc_core.purify.refit import REFIT_WEIGHTINGS, RefitConfig, refit_compact
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     SensitivityResult,
@@ -110,6 +111,10 @@ class PurifyConfig:
     cleaning_min_agreement: float = 0.65
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
+    # Activation-aware refit of the compact model's factors (same ranks) to the compressed
+    # model's responses on the synthetic images, before recalibration (:mod:`.refit`);
+    # None keeps the plain truncated factors.
+    refit: RefitConfig | None = None
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -253,7 +258,19 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "optimizer": ("finetune", "optimizer"),
     "weight_decay": ("finetune", "weight_decay"),
     "detect": ("detect",),
+    "refit": ("refit",),  # False/None disables
+    "refit_damping": ("refit", "damping"),
+    "refit_weighting": ("refit", "output_weighting"),
 }
+
+
+def _optional_defaults() -> dict[str, Any]:
+    """The sections a boolean knob switches on or off, with the setting it switches on."""
+    return {
+        "sensitivity": SensitivityConfig(),
+        "teacher_cleaning": CLEANING,
+        "refit": RefitConfig(),
+    }
 
 
 def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
@@ -262,23 +279,20 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
             f"unknown purification setting {name!r}; known: {', '.join(sorted(KNOBS))}"
         )
     path = KNOBS[name]
-    if path in (("sensitivity",), ("teacher_cleaning",)):
+    defaults = _optional_defaults()
+    if len(path) == 1 and path[0] in defaults:
         section = path[0]
-        default = CLEANING if section == "teacher_cleaning" else SensitivityConfig()
         if value in (False, None):
-            chosen: SensitivityConfig | None = None
+            chosen = None
         elif value is True:
-            chosen = getattr(config, section) or default
+            chosen = getattr(config, section) or defaults[section]
         else:
             raise ValueError(f"{name} takes true or false")
-        if section == "teacher_cleaning":
-            return dataclasses.replace(config, teacher_cleaning=chosen)
-        return dataclasses.replace(config, sensitivity=chosen)
+        return dataclasses.replace(config, **{section: chosen})
 
     def set_in(obj: Any, keys: tuple[str, ...]) -> Any:
         if obj is None and keys:
-            # a sub-knob of a disabled section switches it on
-            obj = CLEANING if path[0] == "teacher_cleaning" else SensitivityConfig()
+            obj = defaults[path[0]]  # a sub-knob of a disabled section switches it on
         if len(keys) == 1:
             return dataclasses.replace(obj, **{keys[0]: value})
         return dataclasses.replace(obj, **{keys[0]: set_in(getattr(obj, keys[0]), keys[1:])})
@@ -326,6 +340,8 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
             ("cleaning", config.cleaning_rounds * inv.steps * inv.images_per_class / 1000)
         )
     stages.append(("compress", 0.5))
+    if config.refit is not None:
+        stages.append(("refit", 0.2))
     if config.sensitivity is not None:
         stages.append(("sensitivity", 0.2))
     ft = config.finetune
@@ -402,6 +418,14 @@ def purify(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
+    if config.refit is not None and config.method in ("cnc", "cnc-paper"):
+        if config.refit.output_weighting not in REFIT_WEIGHTINGS:
+            raise ValueError(
+                f"refit_weighting must be one of {REFIT_WEIGHTINGS}, "
+                f"not {config.refit.output_weighting!r}"
+            )
+        if config.compress.scaling != "none":
+            raise ValueError("refit and singular-value scaling are exclusive: set one of them")
     device = torch.device(device)
     shape = tuple(input_shape[-3:])
     teacher = copy.deepcopy(model).to(device).eval()
@@ -497,6 +521,9 @@ def purify(
     with plan.stage("compress"):
         cres = compress(kd_teacher, config.compress, progress=plan.nested("compress"))
     student = cres.model.to(device)
+    if config.refit is not None:
+        with plan.stage("refit"):
+            refit_compact(kd_teacher, cres, clean, config.refit, progress=plan.nested("refit"))
     if config.recalibrate:
         recalibrate_bn(student, clean, batch_size=config.finetune.batch_size)
 

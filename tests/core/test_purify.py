@@ -213,3 +213,26 @@ def test_blend_proxies_are_stamped_beside_the_inverted_trigger() -> None:
     assert not torch.allclose(both.model(x), plain.model(x), atol=1e-6)
     with pytest.raises(ValueError, match="blend_proxy"):
         purify(model, _config("cnc", detect=False, blend_proxy="stripes"), **kw)
+
+
+def test_refit_knob_runs_a_timed_stage_keeps_the_size_and_is_validated() -> None:
+    """refit=true refits the compact factors (same parameter count, other weights) in a
+    stage of its own; bad settings fail at the start, naming the knob."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    plain = purify(model, _config("cnc", detect=False), **kw)
+    refit = purify(model, _config("cnc", detect=False, refit=True), **kw)
+    assert "refit" in refit.timings and "refit" not in plain.timings
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(refit.model) == count(plain.model)
+    x = torch.rand(8, 3, 16, 16)
+    assert not torch.allclose(refit.model(x), plain.model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="refit_weighting"):
+        purify(model, _config("cnc", detect=False, refit_weighting="loud"), **kw)
+    scaled = PurifyConfig.from_knobs(
+        method="cnc",
+        compress=CompressConfig(ratio=1.5, scaling="clip", t_scale=0.5),
+        knobs=dict(SMALL, refit=True),
+    )
+    with pytest.raises(ValueError, match="exclusive"):
+        purify(model, scaled, **kw)
