@@ -62,6 +62,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "proxy_labels",
         "proxy_weight",
         "recalibrate",
+        "recal_stamped",
         "refit",
         "refit_damping",
         "refit_weighting",

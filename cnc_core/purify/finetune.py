@@ -85,6 +85,13 @@ class FinetuneConfig:
     # augmented image: "hard" (its arg-max, CE) or "soft" (its logits, KD).
     stamp_fraction: float = 0.5
     proxy_labels: str = "hard"
+    # With a ``stamp`` function: stamped copies of this share of the synthetic images join
+    # the clean ones whenever BN statistics are re-estimated (before training and after each
+    # epoch). Statistics of clean images alone let a blend trigger back in: the same
+    # Blended student measured 78.25 / 62.3 (ACC / ASR) recalibrated on clean synthetic
+    # images, 75.35 / 2.25 on clean + stamped (explore-purify.md 4k): the trigger's channels
+    # are normalised by a spread that includes the (inverted) trigger's own response.
+    recal_stamped: float = 0.0
     seed: int = 0
 
 
@@ -336,8 +343,18 @@ def finetune(
         if p_ho_lab.dtype != torch.long:
             p_ho_lab = p_ho_lab.argmax(1)
 
+    def recal_images() -> Tensor:
+        """The clean synthetic images, plus stamped copies of a fixed share of them."""
+        if current_stamp is None or config.recal_stamped <= 0:
+            return clean
+        g = torch.Generator(device="cpu").manual_seed(config.seed + 3)
+        k = min(clean.shape[0], max(1, int(round(config.recal_stamped * clean.shape[0]))))
+        pick = torch.randperm(clean.shape[0], generator=g)[:k].to(device)
+        mixed = torch.cat([clean, current_stamp(clean[pick], g)])
+        return mixed[torch.randperm(mixed.shape[0], generator=g).to(device)]
+
     if config.recalibrate:
-        recalibrate_bn(student, clean, batch_size=config.batch_size)
+        recalibrate_bn(student, recal_images(), batch_size=config.batch_size)
 
     params = [p for p in student.parameters() if p.requires_grad]
     if config.optimizer == "adam":
@@ -373,7 +390,7 @@ def finetune(
 
     def settle() -> None:
         if config.final_recalibrate and config.bn_mode == "train":
-            recalibrate_bn(student, clean, batch_size=config.batch_size)
+            recalibrate_bn(student, recal_images(), batch_size=config.batch_size)
 
     best_state = None
     if config.early_stopping:

@@ -254,6 +254,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "shift": ("finetune", "shift"),
     "flip": ("finetune", "flip"),
     "stamp_fraction": ("finetune", "stamp_fraction"),
+    "recal_stamped": ("finetune", "recal_stamped"),
     "proxy_labels": ("finetune", "proxy_labels"),
     "optimizer": ("finetune", "optimizer"),
     "weight_decay": ("finetune", "weight_decay"),

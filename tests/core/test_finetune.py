@@ -127,6 +127,27 @@ def test_online_stamp_unlearns_a_planted_shortcut() -> None:
     assert fixed > 0.5 and fixed > before
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_recal_stamped_puts_stamped_copies_into_the_bn_statistics(share: float) -> None:
+    """With ``recal_stamped`` the BN running mean is that of the clean images plus stamped
+    copies of that share of them; 0 keeps the clean-only statistics."""
+    teacher = tiny_net(seed=4)
+    student = _damaged_student(teacher)
+    clean = _data(64)
+
+    def stamp(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return torch.full_like(images, 5.0)  # the same loud image whatever the source
+
+    cfg = FinetuneConfig(epochs=1, lr=0.0, batch_size=16, recal_stamped=share)
+    finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
+    k = int(round(share * clean.shape[0]))
+    with torch.no_grad():
+        h_clean = student[0](clean)
+        h_stamped = student[0](torch.full_like(clean[:k], 5.0))
+    expected = torch.cat([h_clean, h_stamped]).mean((0, 2, 3))
+    assert torch.allclose(student[1].running_mean, expected, atol=1e-4)
+
+
 def test_augment_batch_shifts_and_flips() -> None:
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
     g = torch.Generator().manual_seed(0)
