@@ -216,12 +216,15 @@ def test_blend_proxies_are_stamped_beside_the_inverted_trigger() -> None:
 
 
 def test_refit_knob_runs_a_timed_stage_keeps_the_size_and_is_validated() -> None:
-    """refit=true refits the compact factors (same parameter count, other weights) in a
-    stage of its own; bad settings fail at the start, naming the knob."""
+    """The preset refits the compact factors (same parameter count, other weights) in a
+    stage of its own, refit=false keeps the truncated ones; bad settings fail at the start,
+    naming the knob."""
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    plain = purify(model, _config("cnc", detect=False), **kw)
-    refit = purify(model, _config("cnc", detect=False, refit=True), **kw)
+    assert PurifyConfig.for_method("cnc").refit is not None
+    assert PurifyConfig.for_method("cnc-paper").refit is None
+    plain = purify(model, _config("cnc", detect=False, refit=False), **kw)
+    refit = purify(model, _config("cnc", detect=False), **kw)
     assert "refit" in refit.timings and "refit" not in plain.timings
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(refit.model) == count(plain.model)
