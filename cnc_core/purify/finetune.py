@@ -31,6 +31,7 @@ __all__ = [
     "FinetuneResult",
     "agreement",
     "finetune",
+    "forward_batches",
     "recalibrate_bn",
 ]
 
@@ -115,6 +116,23 @@ def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for _, m in _named_bns(model)]
 
 
+def forward_batches(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int,
+    progress: ProgressFn | None = None,
+    stage: str = "",
+    share: float = 1.0,
+) -> None:
+    """Run ``model`` over ``images`` in batches for its side effects (BN statistics,
+    hooks), reporting ``share`` of the stage's progress as it goes."""
+    n = images.shape[0]
+    for start in range(0, n, batch_size):
+        model(images[start : start + batch_size])
+        if progress is not None:
+            progress(stage, min((start + batch_size) / max(n, 1), 1.0) * share)
+
+
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
@@ -140,11 +158,7 @@ def recalibrate_bn(
         bn.momentum = None  # cumulative moving average: every batch counts equally
     model.train()
     try:
-        n = images.shape[0]
-        for i, start in enumerate(range(0, n, batch_size)):
-            model(images[start : start + batch_size])
-            if progress is not None:
-                progress(stage, (i + 1) * batch_size / max(n, 1))
+        forward_batches(model, images, batch_size, progress, stage)
     finally:
         for bn, mom in zip(layers, saved, strict=True):
             bn.momentum = mom

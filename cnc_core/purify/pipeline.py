@@ -10,10 +10,12 @@
     re-inverting between rounds (the synthetic images carry trigger features from the BN
     statistics, so distilling the uncleaned model re-teaches the backdoor), undone when the
     cleaned model no longer agrees with the original on most synthetic images; Tucker-2
-    compression of the cleaned model; suppression of the rank components that respond to the
-    inverted trigger (rank-level sensitivity); BN recalibration on the synthetic images;
+    compression of the cleaned model, its factors refit to the cleaned model's responses on
+    the synthetic images (:mod:`.refit`); suppression of the rank components that respond to
+    the inverted trigger (rank-level sensitivity); BN recalibration on the synthetic images;
     fine-tuning by distillation from the cleaned model on clean synthetic images plus
-    unlearning on the inverted trigger stamped on the fly, labelled with the clean prediction.
+    unlearning on the inverted trigger stamped on the fly, labelled with the clean prediction,
+    BN statistics re-estimated on clean + stamped images after every epoch.
 ``"cnc-paper"``
     The straightforward reading of Phan et al. (ECCV 2024): ZeroQ data, per-sample PGD
     proxies, compression with spectrum scaling, KD + adversarial CE with BN in train mode.
@@ -290,13 +292,15 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
     defaults = _optional_defaults()
     if len(path) == 1 and path[0] in defaults:
         section = path[0]
+        chosen: Any
         if value in (False, None):
             chosen = None
         elif value is True:
             chosen = getattr(config, section) or defaults[section]
         else:
             raise ValueError(f"{name} takes true or false")
-        return dataclasses.replace(config, **{section: chosen})
+        changes: dict[str, Any] = {section: chosen}
+        return dataclasses.replace(config, **changes)
 
     def set_in(obj: Any, keys: tuple[str, ...]) -> Any:
         if obj is None and keys:

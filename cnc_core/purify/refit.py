@@ -39,6 +39,7 @@ from cnc_core.compress import CompressResult
 from cnc_core.decompose import SVDFactors, Tucker2Factors
 from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, replace_module
 from cnc_core.progress import ProgressFn
+from cnc_core.purify.finetune import forward_batches
 
 __all__ = [
     "REFIT_WEIGHTINGS",
@@ -106,7 +107,7 @@ def layer_moments(
         def fn(_m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x = inputs[0]
             if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
-                sh, sw = module.stride  # type: ignore[misc]
+                sh, sw = module.stride
                 x = x[:, :, ::sh, ::sw]
             xr = _rows(x).to(torch.float64)
             yr = _rows(output).to(torch.float64)
@@ -129,11 +130,7 @@ def layer_moments(
     was = model.training
     model.eval()
     try:
-        n = images.shape[0]
-        for i, start in enumerate(range(0, n, batch_size)):
-            model(images[start : start + batch_size])
-            if progress is not None:
-                progress(stage, min((i + 1) * batch_size / max(n, 1), 1.0) * 0.8)
+        forward_batches(model, images, batch_size, progress, stage, share=0.8)
     finally:
         for h in handles:
             h.remove()
