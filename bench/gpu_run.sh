@@ -10,22 +10,24 @@
 #   2. in whatever time is left, seed 1 of the same at 3x: the run-to-run spread on the card.
 # Every process rewrites its own table after each attack, so a stage cut by the time limit
 # still returns what finished; the parts are merged at the end (and can be merged again here
-# with `bench/backdoor.py --merge`). Results: $OUT/backdoor-w16-gpu-*.{md,json}, $OUT/log*.txt.
+# with `bench/backdoor.py --merge`). Results go to $RES (bench/results/gpu); on the device, where
+# $OUT is set, they are packed into one $OUT/gpu-results.tgz (the device returns a bounded number
+# of files: session 7 lost half of a 36-file $OUT).
 #
 # Here:   mkdir -p bench/.cache/fmnist && cp /usr/share/datasets/fashion-mnist/t10k-* bench/.cache/fmnist/
 # Device: run `bash bench/gpu_run.sh` with carry ["bench/.cache/fmnist"], timeout_s 560.
-# CPU smoke of this script (tiny settings, two attacks): SMOKE=1 OUT=/tmp/gpu bash bench/gpu_run.sh
+# CPU smoke of this script (tiny settings, two attacks): SMOKE=1 RES=/tmp/gpu bash bench/gpu_run.sh
 # The device image's python3 has torch, safetensors and numpy; cnc_core needs nothing else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu}
-mkdir -p "$OUT"
+RES=${RES:-bench/results/gpu}
+mkdir -p "$RES"
 PY=${PY:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 DATA=${DATA:-bench/.cache/fmnist}
 BUDGET=${BUDGET:-500} # seconds for the whole script; leave the device call some margin
 TAG=${TAG:-gpu-s7}
-LOG=$OUT/log.txt
+LOG=$RES/log.txt
 ATTACKS=(badnet-all2one blended-all2one wanet-all2one inputaware-all2one
     badnet-all2all blended-all2all wanet-all2all inputaware-all2all)
 SETS=(--set num_images=2048 --set synthesis_iterations=400)
@@ -45,16 +47,16 @@ run_stage() {
     local parts=()
     for attack in "${ATTACKS[@]}"; do
         timeout "$(left)" $PY bench/backdoor.py --width 16 --methods cnc --data-root "$DATA" \
-            --results-dir "$OUT" --attacks "$attack" --ratios "$@" --seed "$seed" \
+            --results-dir "$RES" --attacks "$attack" --ratios "$@" --seed "$seed" \
             "${SETS[@]}" "${EXTRA[@]}" --tag="-$TAG-$name-$attack" \
-            >"$OUT/log-$name-$attack.txt" 2>&1 &
-        parts+=("$OUT/backdoor-w16-$TAG-$name-$attack.json")
+            >"$RES/log-$name-$attack.txt" 2>&1 &
+        parts+=("$RES/backdoor-w16-$TAG-$name-$attack.json")
     done
     wait
-    grep -h "\] cnc\|Traceback\|Error" "$OUT"/log-"$name"-*.txt | tee -a "$LOG"
+    grep -h "\] cnc\|Traceback\|Error" "$RES"/log-"$name"-*.txt | tee -a "$LOG"
     local have=()
     for p in "${parts[@]}"; do [ -f "$p" ] && have+=("$p"); done
-    [ ${#have[@]} -gt 0 ] && $PY bench/backdoor.py --width 16 --results-dir "$OUT" \
+    [ ${#have[@]} -gt 0 ] && $PY bench/backdoor.py --width 16 --results-dir "$RES" \
         --merge "${have[@]}" --tag="-$TAG-$name" 2>&1 | tail -2 | tee -a "$LOG"
     echo "== $name done at $SECONDS s" | tee -a "$LOG"
 }
@@ -64,3 +66,4 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 run_stage seed0 0 3 4
 if [ "$(left)" -gt 120 ]; then run_stage seed1 1 3; fi
 echo "== done in $SECONDS s" | tee -a "$LOG"
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-results.tgz" -C "$RES" .; fi
