@@ -50,6 +50,7 @@ from cnc_core.purify.finetune import (
     finetune,
     recalibrate_bn,
 )
+from cnc_core.purify.permutation import PermutationInversionConfig, permutation_inversion
 from cnc_core.purify.proxies import (
     PGDConfig,
     ProxyConfig,
@@ -117,6 +118,13 @@ class PurifyConfig:
     # model's responses on the synthetic images, before recalibration (:mod:`.refit`);
     # None keeps the plain truncated factors.
     refit: RefitConfig | None = None
+    # Permutation trigger inversion (:mod:`.permutation`), a proxy for all-to-all backdoors
+    # that Neural Cleanse cannot name: when its trigger moves at least
+    # ``permutation_min_flip`` of the synthetic images away from their class, it is stamped
+    # beside the inverted trigger(s) (each stamped image gets one at random) in the proxies,
+    # unlearning and BN statistics. None disables.
+    permutation: PermutationInversionConfig | None = None
+    permutation_min_flip: float = 0.3
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -271,6 +279,10 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "refit": ("refit",),  # False/None disables
     "refit_damping": ("refit", "damping"),
     "refit_weighting": ("refit", "output_weighting"),
+    "permutation": ("permutation",),  # False/None disables
+    "permutation_steps": ("permutation", "steps"),
+    "permutation_restarts": ("permutation", "restarts"),
+    "permutation_min_flip": ("permutation_min_flip",),
 }
 
 
@@ -280,6 +292,7 @@ def _optional_defaults() -> dict[str, Any]:
         "sensitivity": SensitivityConfig(),
         "teacher_cleaning": CLEANING,
         "refit": RefitConfig(),
+        "permutation": PermutationInversionConfig(),
     }
 
 
@@ -346,6 +359,9 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     else:
         proxy_work = config.proxy.pgd.steps * s.num_images / 1000
     stages.append(("proxies", max(proxy_work, 0.1)))
+    if config.permutation is not None and config.proxy.kind == "trigger_inversion":
+        pm = config.permutation
+        stages.append(("permutation", pm.steps * pm.restarts * pm.images_per_class * 10 / 1000))
     if config.teacher_cleaning is not None:
         inv = config.proxy.inversion
         stages.append(
@@ -516,6 +532,13 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
+    if config.permutation is not None and proxies.inversion is not None:
+        with plan.stage("permutation"):
+            proxies = _add_permutation_trigger(
+                teacher, clean, proxies, config, mean, std, plan.nested("permutation")
+            )
+        detection["permutation_inversion"] = proxies.permutation_record
+
     kd_teacher = teacher
     trigger_untrusted = False
     if config.teacher_cleaning is not None and proxies.inversion is not None:
@@ -674,6 +697,50 @@ def _clean_teacher(
     }
 
 
+def _add_permutation_trigger(
+    teacher: nn.Module,
+    clean: Tensor,
+    proxies: ProxySet,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    progress: ProgressFn,
+) -> ProxySet:
+    """Invert a permutation trigger on ``teacher`` and, if it moves enough images, add it.
+
+    The proxy images are re-stamped so that each carries one of the chosen Neural-Cleanse
+    triggers or the permutation trigger at random; the latter is kept in
+    ``extra_triggers`` for on-the-fly stamping. ``permutation_record`` says what was found.
+    """
+    assert config.permutation is not None and proxies.inversion is not None
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 900)
+    perm = permutation_inversion(
+        teacher, clean, config.permutation, mean=mean, std=std, generator=gen, progress=progress
+    )
+    used = perm.flip_rate >= config.permutation_min_flip
+    record: dict[str, Any] = {
+        "mask_norm": perm.mask_norm,
+        "flip_rate": perm.flip_rate,
+        "mutual_information": perm.mutual_information,
+        "top_share": perm.top_share,
+        "mapping": perm.mapping,
+        "used": used,
+    }
+    out = dataclasses.replace(proxies, permutation_record=record)
+    if not used:
+        return out
+    inv = proxies.inversion
+    idx = torch.tensor(
+        chosen_triggers(inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
+    )
+    masks = torch.cat([inv.masks[idx], perm.mask[None].to(inv.masks.device)])
+    patterns = torch.cat([inv.patterns[idx], perm.pattern[None].to(inv.patterns.device)])
+    stamp = trigger_stamp(masks, patterns, mean=mean, std=std)
+    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 901))
+    out.extra_triggers = (perm.mask[None], perm.pattern[None])
+    return out
+
+
 def _stamp_of(
     config: PurifyConfig,
     proxies: ProxySet,
@@ -688,7 +755,11 @@ def _stamp_of(
                 inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold
             )
         )
-        return trigger_stamp(inv.masks[idx], inv.patterns[idx], mean=mean, std=std)
+        masks, patterns = inv.masks[idx], inv.patterns[idx]
+        if proxies.extra_triggers is not None:
+            masks = torch.cat([masks, proxies.extra_triggers[0].to(masks.device)])
+            patterns = torch.cat([patterns, proxies.extra_triggers[1].to(patterns.device)])
+        return trigger_stamp(masks, patterns, mean=mean, std=std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,10 @@ class ProxySet:
     flip_rate: float  # share of proxies whose prediction differs from the clean one
     inversion: TriggerInversionResult | None = None
     universal: Tensor | None = None  # the perturbation, normalised space, (1, C, H, W)
+    # Triggers stamped beside the inverted ones ((K, 1, H, W) masks, (K, C, H, W) patterns),
+    # e.g. the permutation trigger of :mod:`.permutation`, and what found them
+    extra_triggers: tuple[Tensor, Tensor] | None = None
+    permutation_record: dict[str, Any] | None = None
 
 
 def _reporter(progress: ProgressFn | None, stage: str) -> Callable[[float], None]:

@@ -1,0 +1,104 @@
+"""Research: does permutation trigger inversion find an all-to-all trigger? (CPU-sized)
+
+For one zoo model: synthesise images (cached, shared with ``explore_purify.py``), run
+:func:`cnc_core.purify.permutation.permutation_inversion` on them, and report what it found on
+the synthetic images (flip rate, mutual information, top share, class mapping) plus, for
+EVALUATION only, what the inverted trigger does to real test images: the share sent to
+``(y + 1) mod 10`` (the all-to-all attacks' mapping), the share flipped at all, and for BadNet
+the mask's mass in the real trigger's bottom-right 4x4 corner. Appends a JSON line to
+``bench/results/explore-log.jsonl``. Run it on the clean model too: its figures are the floor.
+
+    .venv/bin/python bench/explore_a2a.py --attack badnet --mode all2all
+    .venv/bin/python bench/explore_a2a.py --attack clean --mode none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.explore_purify import LOG  # noqa: E402
+from bench.synth_cache import cached_synthetic, model_key, synth_key  # noqa: E402
+from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
+from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize  # noqa: E402
+from cnc_core.purify.permutation import (  # noqa: E402
+    PermutationInversionConfig,
+    permutation_inversion,
+)
+from cnc_core.purify.proxies import apply_trigger, predict  # noqa: E402
+from cnc_core.purify.synthesis import SynthesisConfig  # noqa: E402
+
+MS = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--mode", default="all2all")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--l1", type=float, default=0.01)
+    p.add_argument("--mi-weight", type=float, default=1.0)
+    p.add_argument("--restarts", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, _ = load_zoo_model(args.attack, args.mode, 16)
+    key = model_key(args.attack, args.mode)
+    s = SynthesisConfig(
+        num_images=args.num_images, batch_size=128, iterations=args.iterations, seed=args.seed
+    )
+    synth, _ = cached_synthetic(model, s, key, **MS)
+    cfg = PermutationInversionConfig(
+        steps=args.steps, l1_weight=args.l1, mi_weight=args.mi_weight, restarts=args.restarts
+    )
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(args.seed)
+    inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
+    seconds = time.perf_counter() - t0
+    # evaluation only: the inverted trigger on real test images
+    xc, yc = eval_sets(args.attack, args.mode)["clean"]  # type: ignore[misc]
+    xc, yc = xc[:2000], yc[:2000]
+    x = normalize(xc, *MS.values())
+    before = predict(model, x)
+    after = predict(model, apply_trigger(x, inv.mask, inv.pattern, **MS))
+    ok = before == yc
+    corner = float(inv.mask[:, -4:, -4:].sum() / inv.mask.sum().clamp_min(1e-12))
+    out = {
+        "kind": "permutation-inversion",
+        "attack": key,
+        "synth": synth_key(s),
+        "config": cfg.__dict__,
+        "seconds": round(seconds, 1),
+        "mask_norm": round(inv.mask_norm, 1),
+        "synthetic": {
+            "flip_rate": round(inv.flip_rate, 3),
+            "mutual_information": round(inv.mutual_information, 3),
+            "top_share": round(inv.top_share, 3),
+            "mapping": inv.mapping,
+        },
+        "real": {
+            "to_y_plus_1": round(float((after[ok] == (yc[ok] + 1) % 10).float().mean()), 3),
+            "flipped": round(float((after[ok] != yc[ok]).float().mean()), 3),
+            "mask_mass_bottom_right_4x4": round(corner, 3),
+        },
+    }
+    print(json.dumps(out))
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as fh:
+        fh.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Permutation trigger inversion: a data-free proxy for all-to-all backdoors.
+
+Neural Cleanse (:func:`.proxies.trigger_inversion`) looks for one small trigger per TARGET
+class. An all-to-all backdoor has no single target: one trigger sends every class ``y`` to
+its own ``pi(y)`` (``y + 1 mod K`` in BackdoorBench). Per-class inversion then finds the
+natural neighbours of each class, never the trigger (measured: bench/results/explore-purify.md
+4g). What sets the backdoor trigger apart is the *shape* of its effect: it moves every class
+away from itself, each class to one place, and the places differ. So we look for one small
+mask + pattern ``(m, p)`` that maximises the mutual information between the clean prediction
+``y`` and the stamped prediction ``y'``, with ``y' != y``:
+
+    loss = mean_i -log(1 - q_i[y_i])        # leave the source class
+         - mi_weight * I(y; y')             # a permutation, not a collapse onto one class
+         + l1_weight * |m|_1                # small, as a trigger is
+
+with ``q_i = softmax(f((1 - m) x_i + m p))`` and ``I`` estimated from soft predictions over a
+class-balanced batch as ``H(mean_i q_i) - mean_c H(mean_{i: y_i = c} q_i)`` (the estimator of
+IIC, Ji et al., ICCV 2019). A natural universal perturbation sends most images to one
+attractor class (low ``H(y')``); noise scatters each class (high ``H(y' | y)``); the
+all-to-all trigger does neither. Synthetic images only; labels are the model's own
+predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnc_core.progress import ProgressFn
+from cnc_core.purify.proxies import Norm, _Frozen, _reporter, apply_trigger, predict
+from cnc_core.purify.synthesis import to_tensor_stats
+
+__all__ = ["PermutationInversionConfig", "PermutationInversionResult", "permutation_inversion"]
+
+
+@dataclass(frozen=True)
+class PermutationInversionConfig:
+    """Settings of :func:`permutation_inversion`."""
+
+    steps: int = 200
+    lr: float = 0.1
+    l1_weight: float = 0.01
+    mi_weight: float = 1.0
+    images_per_class: int = 16  # per step, drawn by the model's clean prediction
+    restarts: int = 4  # independent (mask, pattern) pairs optimised together; the best is kept
+
+
+@dataclass
+class PermutationInversionResult:
+    """The inverted permutation trigger and what it does on the synthetic images."""
+
+    mask: Tensor  # (1, H, W) in [0, 1]
+    pattern: Tensor  # (C, H, W) in [0, 1]
+    mask_norm: float
+    flip_rate: float  # share of images whose prediction the trigger changes
+    mutual_information: float  # I(y; y') in nats, hard predictions
+    top_share: float  # largest share of flipped images that land in one class
+    mapping: list[int]  # most common stamped prediction per source class (-1: no images)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def _balanced_index(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
+    """Up to ``per_class`` indices of each predicted class, drawn with replacement."""
+    picks = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        draw = torch.randint(0, members.numel(), (per_class,), generator=generator)
+        picks.append(members[draw])
+    return torch.cat(picks)
+
+
+def _hard_statistics(
+    clean: Tensor, stamped: Tensor, num_classes: int
+) -> tuple[float, float, float, list[int]]:
+    """Flip rate, mutual information (nats), top share of flips, per-class mapping."""
+    joint = torch.zeros(num_classes, num_classes)
+    joint.index_put_((clean.cpu(), stamped.cpu()), torch.ones(clean.numel()), accumulate=True)
+    p = joint / joint.sum()
+    mi = float(_entropy(p.sum(0)) + _entropy(p.sum(1)) - _entropy(p.flatten()))
+    flipped = stamped != clean
+    hist = torch.bincount(stamped[flipped].cpu(), minlength=num_classes)
+    top = float(hist.max() / hist.sum()) if flipped.any() else 0.0
+    rows = joint.clone()
+    rows.fill_diagonal_(0)
+    mapping = [int(r.argmax()) if r.sum() > 0 else -1 for r in rows]
+    return float(flipped.float().mean()), mi, top, mapping
+
+
+def permutation_inversion(
+    model: nn.Module,
+    images: Tensor,
+    config: PermutationInversionConfig,
+    *,
+    mean: Norm = 0.0,
+    std: Norm = 1.0,
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+    stage: str = "proxies",
+) -> PermutationInversionResult:
+    """Invert one all-to-all trigger from synthetic ``images`` (normalised) against ``model``.
+
+    ``config.restarts`` (mask, pattern) pairs are optimised side by side from random patterns;
+    the one with the highest final objective on all images is returned.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = images.device
+    c, h, w = images.shape[1:]
+    m = to_tensor_stats(mean, c, device)
+    s = to_tensor_stats(std, c, device)
+    clean = predict(model, images)
+    num_classes = int(clean.max()) + 1
+    with torch.no_grad():
+        num_classes = max(num_classes, int(model(images[:1]).shape[1]))
+    r = config.restarts
+    mask_raw = torch.full((r, 1, h, w), -2.0, device=device, requires_grad=True)
+    pattern_raw = ((torch.rand(r, c, h, w, generator=gen) * 4 - 2).to(device)).requires_grad_(True)
+    opt = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=(0.5, 0.9))
+    report = _reporter(progress, stage)
+
+    def objective(idx: Tensor) -> Tensor:
+        """Per-restart loss on the images ``idx`` (shape ``(r,)``)."""
+        pix = images[idx] * s + m
+        mask = torch.sigmoid(mask_raw)
+        pattern = torch.sigmoid(pattern_raw)
+        stamped = (1 - mask[:, None]) * pix[None] + (mask * pattern)[:, None]
+        n = idx.numel()
+        x = ((stamped - m) / s).reshape(r * n, c, h, w)
+        q = F.softmax(model(x), dim=1).reshape(r, n, -1)
+        y = clean[idx]
+        stay = q.gather(2, y[None, :, None].expand(r, n, 1)).squeeze(2)
+        leave = -(1 - stay).clamp_min(1e-6).log().mean(1)
+        marginal = _entropy(q.mean(1))
+        onehot = F.one_hot(y, q.shape[2]).float()  # (n, K)
+        counts = onehot.sum(0)  # (K,)
+        per_class = torch.einsum("nk,rnj->rkj", onehot, q) / counts.clamp_min(1)[None, :, None]
+        present = counts > 0
+        conditional = (_entropy(per_class) * present).sum(1) / present.sum()
+        mi = marginal - conditional
+        l1 = mask.reshape(r, -1).sum(1)
+        return leave - config.mi_weight * mi + config.l1_weight * l1
+
+    with _Frozen(model):
+        for step in range(config.steps):
+            idx = _balanced_index(clean.cpu(), config.images_per_class, gen).to(device)
+            loss = objective(idx).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            report((step + 1) / max(config.steps, 1) * 0.95)
+        with torch.no_grad():
+            idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
+            best = int(objective(idx).argmin())
+            mask = torch.sigmoid(mask_raw[best]).detach()
+            pattern = torch.sigmoid(pattern_raw[best]).detach()
+            stamped = predict(model, apply_trigger(images, mask, pattern, mean=mean, std=std))
+    flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
+    report(1.0)
+    return PermutationInversionResult(
+        mask=mask,
+        pattern=pattern,
+        mask_norm=float(mask.sum()),
+        flip_rate=flip,
+        mutual_information=mi,
+        top_share=top,
+        mapping=mapping,
+    )
