@@ -70,6 +70,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_steps",
         "permutation_restarts",
         "permutation_min_flip",
+        "permutation_max_top_share",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

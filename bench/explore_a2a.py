@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="all2all")
     p.add_argument("--num-images", type=int, default=512)
     p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--l1", type=float, default=0.01)
     p.add_argument("--mi-weight", type=float, default=1.0)
-    p.add_argument("--restarts", type=int, default=4)
+    p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     synth, _ = cached_synthetic(model, s, key, **MS)
     cfg = PermutationInversionConfig(
-        steps=args.steps, l1_weight=args.l1, mi_weight=args.mi_weight, restarts=args.restarts
+        steps=args.steps,
+        l1_weight=args.l1,
+        mi_weight=args.mi_weight,
+        restarts=args.restarts,
+        images_per_class=args.ipc,
     )
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)

@@ -120,11 +120,15 @@ class PurifyConfig:
     refit: RefitConfig | None = None
     # Permutation trigger inversion (:mod:`.permutation`), a proxy for all-to-all backdoors
     # that Neural Cleanse cannot name: when its trigger moves at least
-    # ``permutation_min_flip`` of the synthetic images away from their class, it is stamped
-    # beside the inverted trigger(s) (each stamped image gets one at random) in the proxies,
-    # unlearning and BN statistics. None disables.
+    # ``permutation_min_flip`` of the synthetic images away from their class and no class
+    # takes more than ``permutation_max_top_share`` of those moved (a permutation, not a
+    # natural attractor class), it is stamped beside the inverted trigger(s) (each stamped
+    # image gets one at random) in the proxies, unlearning and BN statistics. Measured on
+    # the probe (bench/explore_a2a.py): BadNet all-to-all top share 0.26, the clean model
+    # 0.61 (everything to class 6). None disables.
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
+    permutation_max_top_share: float = 0.4
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -283,6 +287,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_min_flip": ("permutation_min_flip",),
+    "permutation_max_top_share": ("permutation_max_top_share",),
 }
 
 
@@ -706,7 +711,7 @@ def _add_permutation_trigger(
     std: float | tuple[float, ...],
     progress: ProgressFn,
 ) -> ProxySet:
-    """Invert a permutation trigger on ``teacher`` and, if it moves enough images, add it.
+    """Invert a permutation trigger on ``teacher`` and add it if it passes the gate.
 
     The proxy images are re-stamped so that each carries one of the chosen Neural-Cleanse
     triggers or the permutation trigger at random; the latter is kept in
@@ -717,7 +722,10 @@ def _add_permutation_trigger(
     perm = permutation_inversion(
         teacher, clean, config.permutation, mean=mean, std=std, generator=gen, progress=progress
     )
-    used = perm.flip_rate >= config.permutation_min_flip
+    used = (
+        perm.flip_rate >= config.permutation_min_flip
+        and perm.top_share <= config.permutation_max_top_share
+    )
     record: dict[str, Any] = {
         "mask_norm": perm.mask_norm,
         "flip_rate": perm.flip_rate,

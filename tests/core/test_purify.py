@@ -243,7 +243,7 @@ def test_refit_knob_runs_a_timed_stage_keeps_the_size_and_is_validated() -> None
 
 def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     """permutation=true inverts an all-to-all trigger in a timed stage and reports it; the
-    trigger joins the unlearning stamps only when it moves enough synthetic images."""
+    trigger joins the unlearning stamps only when it passes the gate (flip rate, top share)."""
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
@@ -251,7 +251,11 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     plain = purify(model, _config("cnc", detect=False), **kw)
     assert "permutation" not in plain.timings and "permutation_inversion" not in plain.detection
     off = purify(model, _config("cnc", permutation_min_flip=1.01, **small), **kw)
-    on = purify(model, _config("cnc", permutation_min_flip=0.0, **small), **kw)
+    on = purify(
+        model,
+        _config("cnc", permutation_min_flip=0.0, permutation_max_top_share=1.0, **small),
+        **kw,
+    )
     rec = on.detection["permutation_inversion"]
     assert "permutation" in on.timings and rec["used"] is True
     assert off.detection["permutation_inversion"]["used"] is False
