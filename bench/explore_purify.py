@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     out["pgd_after"] = det.get("pgd_after")
     out["inv_after_share"] = det.get("inverted_trigger_after_share")
     out["suppressed"] = det.get("sensitivity_suppressed")
+    if "permutation_inversion" in det:
+        out["permutation"] = det["permutation_inversion"]
     if res.finetune is not None:
         out["best_epoch"] = res.finetune.best_epoch
         out["history"] = [{k: round(v, 3) for k, v in h.items()} for h in res.finetune.history]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,24 +48,35 @@ def stamp(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def backdoored_tiny(seed: int = 0, target: int = 0) -> nn.Module:
-    """A tiny net trained in seconds with 10% poisoned samples (all-to-one, ``target``)."""
+def poisoned_tiny(
+    relabel: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    seed: int = 0,
+    share: float = 0.1,
+    steps: int = 300,
+) -> nn.Module:
+    """A tiny net trained in seconds with ``share`` of its samples stamped and relabelled."""
     m, s = _stats()
     net = tiny_net(NUM_CLASSES, seed=seed, width=12)
     x, y = make_task(1200, seed)
-    k = len(x) // 10
-    x[:k], y[:k] = stamp(x[:k]), target
+    k = int(len(x) * share)
+    x[:k], y[:k] = stamp(x[:k]), relabel(y[:k])
     xn = (x - m) / s
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(seed)
     net.train()
-    for _ in range(300):
+    for _ in range(steps):
         idx = torch.randint(0, len(xn), (64,), generator=g)
         loss = F.cross_entropy(net(xn[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     return net.eval()
+
+
+def backdoored_tiny(seed: int = 0, target: int = 0) -> nn.Module:
+    """10% poisoned samples, all-to-one ``target``."""
+    return poisoned_tiny(lambda y: torch.full_like(y, target), seed=seed)
 
 
 @pytest.fixture(scope="module")
