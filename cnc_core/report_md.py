@@ -118,6 +118,22 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 f"{_pct(rnd.get('agreement'))}, {verdict}"
             )
         lines.append("")
+    perm = det.get("permutation_inversion")
+    if perm:
+        verdict = (
+            "stamped beside the inverted trigger in unlearning"
+            if perm["used"]
+            else "not used (it moved too few images, or mostly to one natural class)"
+        )
+        mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(perm["mapping"]) if t >= 0)
+        lines += [
+            "Permutation trigger (the all-to-all proxy): one mask + pattern that moves each "
+            f"class to another; mask L1 {perm['mask_norm']:.1f}, it moved "
+            f"{_pct(perm['flip_rate'])} of the synthetic images, at most "
+            f"{_pct(perm['top_share'])} of them to one class; {verdict}. "
+            f"Class mapping: {mapping}.",
+            "",
+        ]
     if "finetune_selection" in det:
         lines += [f"Fine-tuning kept the {det['finetune_selection']}.", ""]
     if "sensitivity_suppressed" in det:

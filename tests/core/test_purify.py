@@ -17,6 +17,7 @@ from cnc_core.purify.sensitivity import (
     rank_components,
     suppress_sensitive_ranks,
 )
+from cnc_core.report_md import render_report
 
 SMALL = dict(
     num_images=32,
@@ -263,3 +264,21 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     # a trigger below the bar changes nothing; one above it changes the training
     assert torch.allclose(off.model(x), plain.model(x), atol=1e-6)
     assert not torch.allclose(on.model(x), plain.model(x), atol=1e-6)
+
+
+def test_report_says_what_the_permutation_trigger_did() -> None:
+    """The human-readable report names the permutation trigger's effect and whether it was
+    used, from the detection record purify writes."""
+    record = {
+        "mask_norm": 30.5,
+        "flip_rate": 0.459,
+        "mutual_information": 1.07,
+        "top_share": 0.26,
+        "mapping": [1, 2, -1],
+        "used": True,
+    }
+    page = render_report({"detection": {"permutation_inversion": record}})
+    assert "mask L1 30.5" in page and "45.9%" in page and "26.0%" in page
+    assert "0->1, 1->2." in page and "stamped beside the inverted trigger" in page
+    unused = render_report({"detection": {"permutation_inversion": {**record, "used": False}}})
+    assert "not used" in unused
