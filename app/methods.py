@@ -70,7 +70,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_steps",
         "permutation_restarts",
         "permutation_min_flip",
-        "permutation_max_top_share",
+        "permutation_min_targets",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

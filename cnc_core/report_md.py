@@ -123,7 +123,7 @@ def _detection(report: dict[str, Any]) -> list[str]:
         verdict = (
             "stamped beside the inverted trigger in unlearning"
             if perm["used"]
-            else "not used (it moved too few images, or mostly to one natural class)"
+            else "not used (it moved too few images, or onto a few natural classes)"
         )
         mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(perm["mapping"]) if t >= 0)
         lines += [
@@ -131,7 +131,7 @@ def _detection(report: dict[str, Any]) -> list[str]:
             f"class to another; mask L1 {perm['mask_norm']:.1f}, it moved "
             f"{_pct(perm['flip_rate'])} of the synthetic images, at most "
             f"{_pct(perm['top_share'])} of them to one class; {verdict}. "
-            f"Class mapping: {mapping}.",
+            f"Class mapping: {mapping} (onto {perm.get('targets', '?')} classes).",
             "",
         ]
     if "finetune_selection" in det:

@@ -119,16 +119,17 @@ class PurifyConfig:
     # None keeps the plain truncated factors.
     refit: RefitConfig | None = None
     # Permutation trigger inversion (:mod:`.permutation`), a proxy for all-to-all backdoors
-    # that Neural Cleanse cannot name: when its trigger moves at least
-    # ``permutation_min_flip`` of the synthetic images away from their class and no class
-    # takes more than ``permutation_max_top_share`` of those moved (a permutation, not a
-    # natural attractor class), it is stamped beside the inverted trigger(s) (each stamped
-    # image gets one at random) in the proxies, unlearning and BN statistics. Measured on
-    # the probe (bench/explore_a2a.py): BadNet all-to-all top share 0.26, the clean model
-    # 0.61 (everything to class 6). None disables.
+    # that Neural Cleanse cannot name. Its trigger is stamped beside the inverted one(s) (each
+    # stamped image gets one at random) in the proxies, unlearning and BN statistics when it
+    # moves at least ``permutation_min_flip`` of the synthetic images away from their class
+    # AND its class mapping (most common new class per class) reaches at least
+    # ``permutation_min_targets`` of the classes: a permutation, not a collapse onto one or
+    # two attractor classes. Measured (explore-purify.md 4l): BadNet all-to-all maps onto all
+    # 10 classes (8 on a 512-image probe); a clean model onto 4, InputAware all-to-all onto 3,
+    # BadNet all-to-one and Blended all-to-all onto 2. None disables.
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
-    permutation_max_top_share: float = 0.4
+    permutation_min_targets: float = 0.6
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -209,6 +210,10 @@ class PurifyConfig:
             # factors refit to the cleaned model's responses on the synthetic images: +3 to
             # +11 ACC points at 3x / 4x (section 4k)
             refit=RefitConfig(),
+            # the all-to-all proxy, stamped only when it passes its gate: BadNet all-to-all
+            # 3x 74.90 / 72.25 -> 79.95 / 15.75; gated out on the all-to-one and Blended
+            # all-to-all models measured (section 4l)
+            permutation=PermutationInversionConfig(),
             seed=seed,
         )
 
@@ -287,7 +292,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_min_flip": ("permutation_min_flip",),
-    "permutation_max_top_share": ("permutation_max_top_share",),
+    "permutation_min_targets": ("permutation_min_targets",),
 }
 
 
@@ -722,9 +727,10 @@ def _add_permutation_trigger(
     perm = permutation_inversion(
         teacher, clean, config.permutation, mean=mean, std=std, generator=gen, progress=progress
     )
+    targets = len({t for t in perm.mapping if t >= 0})
     used = (
         perm.flip_rate >= config.permutation_min_flip
-        and perm.top_share <= config.permutation_max_top_share
+        and targets >= config.permutation_min_targets * len(perm.mapping)
     )
     record: dict[str, Any] = {
         "mask_norm": perm.mask_norm,
@@ -732,6 +738,7 @@ def _add_permutation_trigger(
         "mutual_information": perm.mutual_information,
         "top_share": perm.top_share,
         "mapping": perm.mapping,
+        "targets": targets,
         "used": used,
     }
     out = dataclasses.replace(proxies, permutation_record=record)

@@ -27,6 +27,7 @@ SMALL = dict(
     batch_size=16,
     inversion_steps=3,
     pgd_steps=2,
+    permutation_steps=3,
 )
 
 
@@ -243,18 +244,20 @@ def test_refit_knob_runs_a_timed_stage_keeps_the_size_and_is_validated() -> None
 
 
 def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
-    """permutation=true inverts an all-to-all trigger in a timed stage and reports it; the
-    trigger joins the unlearning stamps only when it passes the gate (flip rate, top share)."""
+    """The preset inverts an all-to-all trigger in a timed stage and reports it; the
+    trigger joins the unlearning stamps only when it passes the gate (flip rate, distinct targets)."""
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    small = dict(detect=False, permutation=True, permutation_steps=3, permutation_restarts=2)
-    plain = purify(model, _config("cnc", detect=False), **kw)
+    assert PurifyConfig.for_method("cnc").permutation is not None
+    assert PurifyConfig.for_method("cnc-paper").permutation is None
+    small = dict(detect=False, permutation_restarts=2)
+    plain = purify(model, _config("cnc", detect=False, permutation=False), **kw)
     assert "permutation" not in plain.timings and "permutation_inversion" not in plain.detection
     off = purify(model, _config("cnc", permutation_min_flip=1.01, **small), **kw)
     on = purify(
         model,
-        _config("cnc", permutation_min_flip=0.0, permutation_max_top_share=1.0, **small),
+        _config("cnc", permutation_min_flip=0.0, permutation_min_targets=0.0, **small),
         **kw,
     )
     rec = on.detection["permutation_inversion"]
@@ -275,10 +278,11 @@ def test_report_says_what_the_permutation_trigger_did() -> None:
         "mutual_information": 1.07,
         "top_share": 0.26,
         "mapping": [1, 2, -1],
+        "targets": 2,
         "used": True,
     }
     page = render_report({"detection": {"permutation_inversion": record}})
     assert "mask L1 30.5" in page and "45.9%" in page and "26.0%" in page
-    assert "0->1, 1->2." in page and "stamped beside the inverted trigger" in page
+    assert "0->1, 1->2 (onto 2 classes)." in page and "stamped beside the inverted trigger" in page
     unused = render_report({"detection": {"permutation_inversion": {**record, "used": False}}})
     assert "not used" in unused
