@@ -244,8 +244,8 @@ def test_refit_knob_runs_a_timed_stage_keeps_the_size_and_is_validated() -> None
 
 
 def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
-    """The preset inverts an all-to-all trigger in a timed stage and reports it; the
-    trigger joins the unlearning stamps only when it passes the gate (flip rate, distinct targets)."""
+    """The preset inverts an all-to-all trigger in a timed stage and reports it; the trigger
+    joins the unlearning stamps only past its gate (flip rate, distinct targets)."""
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
