@@ -116,9 +116,8 @@ def permutation_inversion(
     m = to_tensor_stats(mean, c, device)
     s = to_tensor_stats(std, c, device)
     clean = predict(model, images)
-    num_classes = int(clean.max()) + 1
-    with torch.no_grad():
-        num_classes = max(num_classes, int(model(images[:1]).shape[1]))
+    with torch.no_grad(), _Frozen(model):
+        num_classes = int(model(images[:1]).shape[1])
     r = config.restarts
     mask_raw = torch.full((r, 1, h, w), -2.0, device=device, requires_grad=True)
     pattern_raw = ((torch.rand(r, c, h, w, generator=gen) * 4 - 2).to(device)).requires_grad_(True)
