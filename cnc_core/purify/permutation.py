@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnc_core.progress import ProgressFn
-from cnc_core.purify.proxies import Norm, _Frozen, _reporter, apply_trigger, predict
+from cnc_core.purify.proxies import (
+    Norm,
+    _Frozen,
+    _num_outputs,
+    _reporter,
+    apply_trigger,
+    predict,
+)
 from cnc_core.purify.synthesis import to_tensor_stats
 
 __all__ = ["PermutationInversionConfig", "PermutationInversionResult", "permutation_inversion"]
@@ -116,8 +123,7 @@ def permutation_inversion(
     m = to_tensor_stats(mean, c, device)
     s = to_tensor_stats(std, c, device)
     clean = predict(model, images)
-    with torch.no_grad(), _Frozen(model):
-        num_classes = int(model(images[:1]).shape[1])
+    num_classes = _num_outputs(model, images)
     r = config.restarts
     mask_raw = torch.full((r, 1, h, w), -2.0, device=device, requires_grad=True)
     pattern_raw = ((torch.rand(r, c, h, w, generator=gen) * 4 - 2).to(device)).requires_grad_(True)

@@ -744,15 +744,10 @@ def _add_permutation_trigger(
     out = dataclasses.replace(proxies, permutation_record=record)
     if not used:
         return out
-    inv = proxies.inversion
-    idx = torch.tensor(
-        chosen_triggers(inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
-    )
-    masks = torch.cat([inv.masks[idx], perm.mask[None].to(inv.masks.device)])
-    patterns = torch.cat([inv.patterns[idx], perm.pattern[None].to(inv.patterns.device)])
-    stamp = trigger_stamp(masks, patterns, mean=mean, std=std)
-    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 901))
     out.extra_triggers = (perm.mask[None], perm.pattern[None])
+    stamp = _stamp_of(config, out, mean, std)
+    assert stamp is not None  # the proxies carry an inversion
+    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 901))
     return out
 
 
