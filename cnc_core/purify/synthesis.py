@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from cnc_core.progress import ProgressFn
 
 __all__ = [
     "SynthesisConfig",
+    "batch_statistics_loss_autograd",
     "bn_statistics_loss",
     "normalisation_bounds",
     "synthesize",
@@ -87,6 +89,57 @@ def normalisation_bounds(
     return (0.0 - m) / s, (1.0 - m) / s
 
 
+def batch_statistics_loss_autograd(x: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """The batch-statistics term of ``bn``'s input ``x`` in plain autograd ops: the definition
+    the fused :class:`_BatchStatisticsLoss` is checked and timed against."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    var, mu = torch.var_mean(flat, dim=(0, 2), unbiased=False)
+    sigma = torch.sqrt(var + bn.eps)
+    return torch.linalg.vector_norm(mu - bn.running_mean) + torch.linalg.vector_norm(
+        sigma - torch.sqrt(bn.running_var + bn.eps)
+    )
+
+
+class _BatchStatisticsLoss(torch.autograd.Function):
+    """``||mu - running_mean|| + ||sigma - running_sigma||`` over a batch, with a fused gradient.
+
+    ``mu`` and ``sigma`` are the per-channel mean and standard deviation of ``x`` over batch
+    and space (DeepInversion's batch matching). Autograd would run the reduction's backward
+    as a chain of full-size elementwise ops; the gradient is affine in ``x`` per channel,
+
+        dL/dx = a_c / M + g_c / (sigma_c M) * (x - mu_c),
+
+    with ``a = (mu - rm) / ||mu - rm||``, ``g = (sigma - ts) / ||sigma - ts||`` and ``M`` the
+    values per channel, so one ``addcmul`` gives it. Same loss and gradient to float
+    rounding (``tests/core/test_synthesis.py``); about half the time on the large
+    early-layer inputs of a ResNet on CPU (``bench/results/synthesis-step.md``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, run_mean: Tensor, target_sigma: Tensor, eps: float) -> Tensor:
+        flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, spatial): a view, no copy
+        var, mu = torch.var_mean(flat, dim=(0, 2), unbiased=False)
+        sigma = torch.sqrt(var + eps)
+        d_mu, d_sigma = mu - run_mean, sigma - target_sigma
+        n_mu, n_sigma = torch.linalg.vector_norm(d_mu), torch.linalg.vector_norm(d_sigma)
+        count = flat.shape[0] * flat.shape[2]
+        # the norm's gradient at 0 is taken as 0, as autograd does (no host sync on CUDA)
+        a = torch.where(n_mu > 0, d_mu / n_mu, torch.zeros_like(d_mu))
+        g = torch.where(n_sigma > 0, d_sigma / n_sigma, torch.zeros_like(d_sigma))
+        slope = g / (sigma * count)
+        offset = a / count - slope * mu
+        ctx.save_for_backward(x, slope, offset)
+        return n_mu + n_sigma
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        x, slope, offset = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        grad = torch.addcmul((grad_out * offset).view(shape), x, (grad_out * slope).view(shape))
+        return grad, None, None, None
+
+
 class _BNInputRecorder:
     """Forward pre-hooks collecting the per-channel statistics of every BN layer's input."""
 
@@ -118,14 +171,7 @@ class _BNInputRecorder:
             # ZeroQ: squared 2-norm over channels, averaged over samples
             loss = ((mu - run_mean).pow(2).sum(1) + (sigma - target_sigma).pow(2).sum(1)).mean()
         else:
-            # one fused reduction over batch and space, no transposed copy (same loss to
-            # float precision; 0.27 vs 0.33 s a step in isolation, no gain seen in a whole
-            # purification: synthesis 134.7 s against 129.0 s, bench/results/purify-time-s5.md)
-            var, mu = torch.var_mean(flat, dim=(0, 2), unbiased=False)
-            sigma = torch.sqrt(var + module.eps)
-            loss = torch.linalg.vector_norm(mu - run_mean) + torch.linalg.vector_norm(
-                sigma - target_sigma
-            )
+            loss = _BatchStatisticsLoss.apply(x, run_mean, target_sigma, module.eps)
         self.terms.append(loss)
 
     def pop(self) -> Tensor:

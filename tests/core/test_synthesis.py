@@ -9,6 +9,8 @@ from torch import nn
 from cnc_core.progress import Cancelled
 from cnc_core.purify.synthesis import (
     SynthesisConfig,
+    _BNInputRecorder,
+    batch_statistics_loss_autograd,
     bn_statistics_loss,
     normalisation_bounds,
     synthesize,
@@ -120,3 +122,48 @@ def test_synthesis_cancels_within_one_step() -> None:
         synthesize(net, cfg, progress=listener)
     assert len(calls) == 3
     assert all(p.requires_grad for p in net.parameters())
+
+
+def test_fused_batch_statistics_gradient_matches_autograd() -> None:
+    net = tiny_net()
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    recorder = _BNInputRecorder(net, per_sample=False)
+    try:
+        x = (torch.randn(6, 8, 5, 5, generator=torch.Generator().manual_seed(3)) * 0.8).double()
+        net.double()
+        x.requires_grad_(True)
+        recorder._hook(bn, (x,))
+        fused = recorder.pop()
+        (2.5 * fused).backward()
+        grad_fused = x.grad
+        x2 = x.detach().clone().requires_grad_(True)
+        reference = batch_statistics_loss_autograd(x2, bn)
+        (2.5 * reference).backward()
+    finally:
+        recorder.remove()
+        net.float()
+    assert torch.allclose(fused, reference, rtol=1e-12, atol=0)
+    assert grad_fused is not None and x2.grad is not None
+    assert float(x2.grad.abs().max()) > 0
+    assert torch.allclose(grad_fused, x2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_batch_statistics_gradient_is_zero_at_a_perfect_match() -> None:
+    """At an exact match the norms are 0 and (as autograd) the gradient is 0, not NaN."""
+    bn = nn.BatchNorm2d(2)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    var, mu = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    bn.double()
+    assert bn.running_mean is not None and bn.running_var is not None
+    bn.running_mean.copy_(mu)
+    bn.running_var.copy_(var)
+    recorder = _BNInputRecorder(bn, per_sample=False)
+    try:
+        x.requires_grad_(True)
+        recorder._hook(bn, (x,))
+        recorder.pop().backward()
+    finally:
+        recorder.remove()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert float(x.grad.abs().max()) < 1e-6
