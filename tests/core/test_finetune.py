@@ -213,3 +213,28 @@ def test_feature_depth_distils_only_the_shallowest_bn_layers() -> None:
     tiny = _BNTaps(student, teacher, depth=0.01)
     assert tiny.names == bns[:1]
     tiny.close()
+
+
+def test_cached_teacher_outputs_train_the_same_student_as_running_the_teacher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The teacher's logits and BN outputs looked up from a cache (fixed, unaugmented training
+    images) give the student the same training as running the teacher on every batch."""
+    import cnc_core.purify.finetune as ft
+
+    teacher = tiny_net(seed=4)
+    clean = _data(96)
+    cfg = FinetuneConfig(
+        epochs=3, lr=5e-3, batch_size=32, feature_weight=5.0, bn_mode="train", holdout=0.2
+    )
+    cached, direct = _damaged_student(teacher), _damaged_student(teacher)
+    res_cached = finetune(cached, teacher, clean, None, None, cfg)
+    monkeypatch.setattr(ft, "TEACHER_CACHE_BYTES", 0)  # too small: the teacher runs each step
+    res_direct = finetune(direct, teacher, clean, None, None, cfg)
+    for a, b in zip(res_cached.history, res_direct.history, strict=True):
+        assert a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    for name, value in cached.state_dict().items():
+        assert torch.allclose(value.float(), direct.state_dict()[name].float(), atol=1e-5)
+    assert res_cached.history[-1]["feature"] > 0
+    assert not any(m._forward_hooks for m in teacher.modules())
