@@ -27,6 +27,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "scaling",
         "t_scale",
         # purification (cnc_core.purify.pipeline.KNOBS)
+        "allocation_spectra",
         "augment",
         "batch_size",
         "blend_alpha",

@@ -32,7 +32,7 @@ from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
-from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+from cnc_core.purify.pipeline import METHOD_COMPRESS_DEFAULTS, PurifyConfig, purify  # noqa: E402
 from cnc_core.purify.proxies import (  # noqa: E402
     TriggerInversionResult,
     make_proxies,
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.compress:
         k, _, v = item.partition("=")
         cc_kwargs[k] = _parse_value(v)
-    cc = CompressConfig(ratio=args.ratio, **cc_kwargs)
+    defaults = METHOD_COMPRESS_DEFAULTS.get(args.method, {})
+    cc = CompressConfig(ratio=args.ratio, **{**defaults, **cc_kwargs})
     cfg = PurifyConfig.from_knobs(method=args.method, compress=cc, seed=args.seed, knobs=knobs)
     key = model_key(args.attack, args.mode)
     t0 = time.perf_counter()

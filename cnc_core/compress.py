@@ -151,6 +151,9 @@ class CompressResult:
     target_params: int | None
     theta: float
     config: CompressConfig
+    # what the allocator read: "weight" spectra, or "given" ones (``compress(spectra=...)``;
+    # the purification pipeline names them, e.g. "response")
+    spectra: str = "weight"
 
     @property
     def achieved_ratio(self) -> float:
@@ -167,6 +170,7 @@ class CompressResult:
             "achieved_ratio": self.achieved_ratio,
             "theta": self.theta,
             "config": asdict(self.config),
+            "spectra": self.spectra,
             "layers": {
                 k: sum(d.kind == k for d in self.decisions)
                 for k in ("tucker2", "svd", "dense", "skipped")
@@ -235,14 +239,27 @@ def find_candidates(
     return eligible, skipped
 
 
+def compressible_layers(model: nn.Module, config: CompressConfig) -> list[str]:
+    """Names of the layers ``compress`` may factorise (Tucker-2 convs, SVD 1x1 convs and
+    Linear layers): the ones whose spectra steer the allocation."""
+    eligible, _ = find_candidates(model, config)
+    return [name for name, _, kind in eligible if kind in ("tucker2", "svd")]
+
+
 def compress(
-    model: nn.Module, config: CompressConfig, progress: ProgressFn | None = None
+    model: nn.Module,
+    config: CompressConfig,
+    progress: ProgressFn | None = None,
+    *,
+    spectra: Mapping[str, Spectrum] | None = None,
 ) -> CompressResult:
     """Decompose, scale and prune ``model`` to the budget in ``config``.
 
     The input model is not changed; the result holds a new module on the same device.
     Raises :class:`CompressionError` when the budget cannot be met, naming the best
-    ratio that can.
+    ratio that can. ``spectra`` (by layer name) replaces the weight spectra the allocator
+    sees, e.g. response spectra on synthetic images
+    (:func:`cnc_core.purify.refit.activation_spectra`); the factors are still the weights'.
     """
     config.validate()
     plan = StagePlan([("decompose", 3.0), ("allocate", 1.0), ("build", 1.0)], progress)
@@ -274,7 +291,7 @@ def compress(
         full = c.factors.ranks if isinstance(c.factors, Tucker2Factors) else (c.factors.rank,) * 2
         if c.kind == "stem" or c.name in small:
             return "dense", full, _layer_params(c.module)
-        ranks = rule(c.spectrum, theta)
+        ranks = rule(spectra[c.name] if spectra and c.name in spectra else c.spectrum, theta)
         if config.rank_multiple > 1:
             m = config.rank_multiple
             ranks = (
@@ -337,6 +354,7 @@ def compress(
         target_params=target,
         theta=theta,
         config=config,
+        spectra="given" if spectra else "weight",
     )
 
 

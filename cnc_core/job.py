@@ -112,6 +112,9 @@ def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], d
     knobs = dict(config.advanced)
     job_knobs = {k: knobs.pop(k, v) for k, v in JOB_KNOBS.items()}
     compress_kwargs, knobs = split_compress_knobs(knobs)
+    if config.method != "compress":  # the method's own defaults, under the caller's settings
+        defaults = _purify_fn().METHOD_COMPRESS_DEFAULTS.get(config.method, {})
+        compress_kwargs = {**defaults, **compress_kwargs}
     cc = CompressConfig(ratio=config.ratio, **compress_kwargs)
     return cc, knobs, job_knobs
 

@@ -209,9 +209,23 @@ def _layers(report: dict[str, Any]) -> list[str]:
     )
     more = len(layers) - len(biggest)
     note = [f"{more} smaller layers are in report.json.", ""] if more > 0 else []
+    comp = report.get("compression") or {}
+    cfg = comp.get("config") or {}
+    how = []
+    if cfg.get("allocation"):
+        spectra = {"response": "response spectra on the synthetic images"}.get(
+            comp.get("spectra", "weight"), f"{comp.get('spectra', 'weight')} spectra"
+        )
+        how = [
+            f"Ranks allocated by `{cfg['allocation']}` on the layers' {spectra}; layers with "
+            f"less than {cfg.get('min_layer_share', 0.0):.0%} of the largest layer's weights "
+            "kept dense.",
+            "",
+        ]
     return [
         "## Layers (largest first)",
         "",
+        *how,
         "![spectra](plots/spectra.png)",
         "",
         *_table(("layer", "kind", "full ranks", "kept ranks", "params", "params after"), rows),

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnc_core.compress import CompressConfig, CompressResult, compress
+from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
 from cnc_core.purify.finetune import (
@@ -69,7 +69,12 @@ from cnc_core.purify.proxies import (
     trigger_inversion,
     trigger_stamp,
 )
-from cnc_core.purify.refit import REFIT_WEIGHTINGS, RefitConfig, refit_compact
+from cnc_core.purify.refit import (
+    REFIT_WEIGHTINGS,
+    RefitConfig,
+    activation_spectra,
+    refit_compact,
+)
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     SensitivityResult,
@@ -77,9 +82,31 @@ from cnc_core.purify.sensitivity import (
 )
 from cnc_core.purify.synthesis import SynthesisConfig, synthesize
 
-__all__ = ["KNOBS", "METHODS", "PurifyConfig", "PurifyResult", "purify"]
+__all__ = [
+    "ALLOCATION_SPECTRA",
+    "KNOBS",
+    "METHODS",
+    "METHOD_COMPRESS_DEFAULTS",
+    "PurifyConfig",
+    "PurifyResult",
+    "purify",
+]
 
 METHODS = ("cnc", "cnc-paper", "clp", "compress")
+
+#: ``PurifyConfig.allocation_spectra``: what the rank allocator reads per layer.
+ALLOCATION_SPECTRA = ("weight", "response")
+
+#: Compression settings a method uses unless the caller sets them (job, CLI, benchmarks).
+#: ``cnc``: a global threshold on the normalised *response* spectra (see
+#: ``PurifyConfig.allocation_spectra``), layers with < 10% of the largest layer's weights kept
+#: dense. Right after compression + refit + BN recalibration at 3x (BadNet all-to-one, 2,000
+#: real test images, no fine-tuning) this keeps 86.45% ACC where one keep ratio for every
+#: layer keeps 72.60%; after 6 epochs of distillation 89.95% against 84.35%
+#: (``bench/explore_alloc.py``, explore-purify.md 4m).
+METHOD_COMPRESS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cnc": {"allocation": "threshold", "min_layer_share": 0.1},
+}
 
 #: Teacher cleaning chosen by measurement (explore-purify.md): outliers at 3 MADs, at most
 #: 10% of a layer's channels, plain conv channels included.
@@ -130,6 +157,11 @@ class PurifyConfig:
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
     permutation_min_targets: float = 0.6
+    # What the rank allocator reads per layer: "weight", the singular values of the weights
+    # (``compress`` alone), or "response", the spectra of the layer's responses on the
+    # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
+    # budget goes where the responses need it (explore-purify.md 4m).
+    allocation_spectra: str = "weight"
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -155,7 +187,7 @@ class PurifyConfig:
         """The preset of ``method`` (defaults chosen by measurement, see the module doc)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        cc = compress or CompressConfig()
+        cc = compress or CompressConfig(**METHOD_COMPRESS_DEFAULTS.get(method, {}))
         # 1,024 images, 100 Adam steps in batches of 256: ~2 min on 2 idle CPU cores for a
         # width-16 ResNet-18 (0.33 s a step); batches of 256 cost ~1.2x batches of 128 a step
         synth = SynthesisConfig(num_images=1024, batch_size=256, iterations=100, seed=seed)
@@ -214,6 +246,9 @@ class PurifyConfig:
             # 3x 74.90 / 72.25 -> 79.95 / 15.75; gated out on the all-to-one and Blended
             # all-to-all models measured (section 4l)
             permutation=PermutationInversionConfig(),
+            # ranks allocated on the response spectra (with the method's compression
+            # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
+            allocation_spectra="response",
             seed=seed,
         )
 
@@ -293,6 +328,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
+    "allocation_spectra": ("allocation_spectra",),
 }
 
 
@@ -454,6 +490,11 @@ def purify(
     """
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.allocation_spectra not in ALLOCATION_SPECTRA:
+        raise ValueError(
+            f"allocation_spectra must be one of {ALLOCATION_SPECTRA}, "
+            f"not {config.allocation_spectra!r}"
+        )
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
     if config.refit is not None and config.method in ("cnc", "cnc-paper"):
@@ -564,7 +605,20 @@ def purify(
         trigger_untrusted = cleaning["rounds_applied"] == 0
 
     with plan.stage("compress"):
-        cres = compress(kd_teacher, config.compress, progress=plan.nested("compress"))
+        spectra = None
+        if config.allocation_spectra == "response":
+            spectra = activation_spectra(
+                kd_teacher,
+                compressible_layers(kd_teacher, config.compress),
+                clean,
+                config.refit,
+                progress=plan.nested("compress"),
+                stage="compress",
+            )
+        progress_fn = None if spectra is not None else plan.nested("compress")
+        cres = compress(kd_teacher, config.compress, progress=progress_fn, spectra=spectra)
+        if spectra is not None:
+            cres.spectra = "response"
     student = cres.model.to(device)
     if config.refit is not None:
         with plan.stage("refit"):

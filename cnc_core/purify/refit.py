@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cnc_core.allocation import Spectrum
 from cnc_core.compress import CompressResult
 from cnc_core.decompose import SVDFactors, Tucker2Factors
 from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, replace_module
@@ -44,6 +45,7 @@ from cnc_core.purify.finetune import forward_batches
 __all__ = [
     "REFIT_WEIGHTINGS",
     "RefitConfig",
+    "activation_spectra",
     "layer_moments",
     "refit_compact",
     "refit_svd",
@@ -197,6 +199,50 @@ def refit_svd(weight: Tensor, moments: _Moments, rank: int, config: RefitConfig)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     vh = torch.linalg.solve_triangular(low, vh, upper=False, left=False)  # V^T L^-1
     return SVDFactors((u / d[:, None]).cpu(), s.cpu(), vh.cpu())
+
+
+def activation_spectra(
+    model: nn.Module,
+    names: list[str],
+    images: Tensor,
+    config: RefitConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    stage: str = "allocate",
+) -> dict[str, Spectrum]:
+    """Response spectra of the layers in ``names`` on ``images``, for rank allocation.
+
+    Where the weight spectrum says how much of a layer's *weights* a rank keeps, these say
+    how much of its *response* on the (synthetic) inputs it keeps, in the refit's metric:
+    the output mode's values are the square roots of the eigenvalues of ``D C_out D``
+    (step 1 of the module docstring), the input mode's the singular values of the mode-2
+    unfolding of ``(D W) x2 L^T`` (step 2 with every output component); a Linear or 1x1
+    conv gets the singular values of ``D W L`` on both modes. Allocating on them
+    (``compress(..., spectra=...)``) spends the parameter budget where the responses need it.
+    """
+    config = config or RefitConfig()
+    moments = layer_moments(
+        model, names, images, batch_size=config.batch_size, progress=progress, stage=stage
+    )
+    spectra: dict[str, Spectrum] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Conv2d | nn.Linear):
+            raise TypeError(f"{name} is a {type(layer).__name__}, not Conv2d/Linear")
+        m = moments[name]
+        w = layer.weight.detach().to(torch.float64).to(m.c_in.device)
+        d = _output_scale(m.c_out, config.output_weighting)
+        low = _whitener(m.c_in, config.damping)
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+            evals = torch.linalg.eigvalsh(d[:, None] * m.c_out * d[None, :])
+            s_out = torch.sqrt(torch.clamp(evals.flip(0), min=0.0))
+            white = torch.einsum("oikl,ij->ojkl", d[:, None, None, None] * w, low)
+            s_in = torch.linalg.svdvals(white.transpose(0, 1).reshape(w.shape[1], -1))
+            spectra[name] = Spectrum(s_out.float().cpu(), s_in.float().cpu())
+        else:
+            s = torch.linalg.svdvals(d[:, None] * w.reshape(w.shape[0], -1) @ low)
+            spectra[name] = Spectrum(s.float().cpu(), s.float().cpu())
+    return spectra
 
 
 def refit_compact(

@@ -272,3 +272,18 @@ def test_cli_purify_evaluates_on_user_data_and_writes_a_readable_report(
     np.savez(bad, images=np.zeros((4, 3, 32, 32), dtype=np.float32), labels=np.full(4, 12))
     assert main([*args, "--out", str(tmp_path / "q"), "--eval-clean", str(bad)]) == EXIT_BAD_INPUT
     assert "out of range" in capsys.readouterr().err
+
+
+def test_a_method_brings_its_compression_defaults_under_the_callers_settings() -> None:
+    from cnc_core.job import split_advanced
+
+    base = dict(arch="resnet18", num_classes=10)
+    cc, _, _ = split_advanced(JobConfig(**base, method="cnc"))
+    assert (cc.allocation, cc.min_layer_share, cc.ratio) == ("threshold", 0.1, 3.0)
+    cc, _, _ = split_advanced(
+        JobConfig(**base, method="cnc", advanced={"allocation": "keep_ratio"})
+    )
+    assert (cc.allocation, cc.min_layer_share) == ("keep_ratio", 0.1)
+    for method in ("compress", "cnc-paper", "clp"):
+        cc, _, _ = split_advanced(JobConfig(**base, method=method))
+        assert (cc.allocation, cc.min_layer_share) == ("keep_ratio", 0.0)

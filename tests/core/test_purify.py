@@ -286,3 +286,40 @@ def test_report_says_what_the_permutation_trigger_did() -> None:
     assert "0->1, 1->2 (onto 2 classes)." in page and "stamped beside the inverted trigger" in page
     unused = render_report({"detection": {"permutation_inversion": {**record, "used": False}}})
     assert "not used" in unused
+
+
+def test_cnc_allocates_ranks_on_response_spectra_and_reports_it() -> None:
+    """The cnc preset allocates by a threshold on response spectra, small layers dense;
+    other methods keep the plain compression defaults; the allocator really reads the
+    responses (other ranks than on the weights), and a bad value is refused by name."""
+    cnc, paper = PurifyConfig.for_method("cnc"), PurifyConfig.for_method("cnc-paper")
+    assert (cnc.compress.allocation, cnc.compress.min_layer_share) == ("threshold", 0.1)
+    assert cnc.allocation_spectra == "response"
+    assert (paper.compress.allocation, paper.compress.min_layer_share) == ("keep_ratio", 0.0)
+    assert paper.allocation_spectra == "weight"
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=4, in_chans=3, width=4).eval()
+    with torch.no_grad():
+        model.train()
+        model(torch.rand(32, 3, 16, 16))  # non-trivial BN statistics
+        model.eval()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    cc = CompressConfig(ratio=2.0, allocation="threshold")
+
+    def ranks(spectra: str) -> tuple[dict[str, tuple[str, tuple[int, int]]], str]:
+        config = PurifyConfig.from_knobs(
+            method="cnc",
+            compress=cc,
+            knobs=dict(SMALL, detect=False, epochs=0, allocation_spectra=spectra),
+        )
+        res = purify(model, config, **kw)
+        assert res.compress is not None
+        kept = {d.name: (d.kind, d.ranks) for d in res.compress.decisions}
+        return kept, res.compress.summary()["spectra"]
+
+    by_weight, label_w = ranks("weight")
+    by_response, label_r = ranks("response")
+    assert (label_w, label_r) == ("weight", "response")
+    assert by_weight.keys() == by_response.keys() and by_weight != by_response
+    with pytest.raises(ValueError, match="allocation_spectra"):
+        ranks("gradient")

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from cnc_core.allocation import Spectrum
 from cnc_core.compress import CompressConfig, compress, count_params
 from cnc_core.decompose import matrix_svd, tucker2_hosvd
 from cnc_core.layers import Tucker2Conv2d
 from cnc_core.models import create_model
 from cnc_core.purify.refit import (
     RefitConfig,
+    activation_spectra,
     layer_moments,
     refit_compact,
     refit_svd,
@@ -103,3 +105,46 @@ def test_refit_refuses_scaled_spectra() -> None:
     scaled = compress(model, CompressConfig(ratio=2.0, scaling="clip", t_scale=0.5))
     with pytest.raises(ValueError, match="scaling"):
         refit_compact(model, scaled, torch.randn(4, 3, 32, 32))
+
+
+def test_activation_spectra_measure_response_energy() -> None:
+    conv = _conv()
+    net = nn.Sequential(conv)
+    # rms weighting: every output channel counts 1, so the output energies sum to Cout
+    spectra = activation_spectra(net, ["0"], _correlated(32, 12, 6))
+    assert spectra["0"].s_out.shape == (10,) and spectra["0"].s_in.shape == (12,)
+    assert float(spectra["0"].s_out.pow(2).sum()) == pytest.approx(10.0, rel=1e-4)
+    assert torch.all(spectra["0"].s_out[:-1] >= spectra["0"].s_out[1:])
+    # white inputs, no weighting, no damping: the input mode is the weight's own spectrum
+    white = torch.randn(256, 12, 8, 8, generator=torch.Generator().manual_seed(2))
+    cfg = RefitConfig(output_weighting="none", damping=0.0)
+    plain = activation_spectra(net, ["0"], white, cfg)["0"]
+    hosvd = tucker2_hosvd(conv.weight)
+    assert torch.allclose(plain.s_in, hosvd.s_in.float(), rtol=0.05)
+    # correlated inputs: the response spectrum decays faster than the weight spectrum
+    s_in = spectra["0"].s_in
+    assert float(s_in[:4].pow(2).sum() / s_in.pow(2).sum()) > float(
+        hosvd.s_in[:4].pow(2).sum() / hosvd.s_in.pow(2).sum()
+    )
+
+
+def test_compress_allocates_on_the_spectra_it_is_given() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, in_chans=3, width=4).eval()
+    cfg = CompressConfig(ratio=2.0, allocation="energy")
+    plain = compress(model, cfg)
+    target = next(d for d in plain.decisions if d.kind == "tucker2" and d.ranks[0] > 1)
+    weight = model.get_submodule(target.name).weight
+    # all of this layer's energy in its first component: energy allocation keeps rank 1
+    spike = Spectrum(
+        torch.tensor([1.0] + [0.0] * (weight.shape[0] - 1)),
+        torch.tensor([1.0] + [0.0] * (weight.shape[1] - 1)),
+    )
+    steered = compress(model, cfg, spectra={target.name: spike})
+    chosen = next(d for d in steered.decisions if d.name == target.name)
+    assert chosen.ranks == (1, 1)
+    assert steered.params_after <= steered.target_params
+    # the budget freed there goes to other layers
+    others = {d.name: d.ranks for d in plain.decisions if d.name != target.name}
+    grown = [d for d in steered.decisions if d.name in others and d.ranks > others[d.name]]
+    assert grown
