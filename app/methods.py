@@ -87,3 +87,19 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "weight_decay",
     }
 )
+
+#: The string-valued advanced settings and the values each accepts (a copy of
+#: ``cnc_core.job.advanced_knob_choices()``): a value outside them is refused at submission.
+KNOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "allocation": ("energy", "full", "keep_ratio", "threshold"),
+    "scaling": ("clip", "literal", "none", "proportional"),
+    "proxy": ("pgd", "universal", "trigger_inversion"),
+    "inversion_use": ("suspected", "anomalous", "all"),
+    "bn_mode": ("eval", "train"),
+    "optimizer": ("adam", "sgd"),
+    "proxy_labels": ("hard", "soft"),
+    "sensitivity_action": ("prune", "scale"),
+    "blend_proxy": ("none", "mean_diff", "noise", "both"),
+    "refit_weighting": ("rms", "none"),
+    "allocation_spectra": ("weight", "response"),
+}

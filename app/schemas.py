@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.methods import ADVANCED_KNOBS, METHODS
+from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, METHODS
 
 
 class JobOptions(BaseModel):
@@ -65,6 +65,11 @@ class JobOptions(BaseModel):
                 f"unknown advanced setting(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(ADVANCED_KNOBS))}"
             )
+        for name, choices in KNOB_CHOICES.items():
+            if name in value and value[name] not in choices:
+                raise ValueError(
+                    f"advanced setting {name}={value[name]!r} is not one of {', '.join(choices)}"
+                )
         return value
 
     @field_validator("callback_url")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cnc_core import __version__
+from cnc_core.allocation import ALLOCATORS
 from cnc_core.compress import COMPRESS_KNOBS, CompressConfig, compress, split_compress_knobs
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
@@ -24,6 +25,7 @@ from cnc_core.onnx_export import export_onnx, verify_onnx
 from cnc_core.plots import plot_histogram, plot_spectra, plot_summary
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.report_md import write_report_md
+from cnc_core.scaling import SCALING_RULES
 
 METHODS = ("cnc", "cnc-paper", "clp", "compress")
 
@@ -122,6 +124,15 @@ def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], d
 def advanced_knob_names() -> frozenset[str]:
     """Every name ``advanced`` accepts: job, compression and purification knobs."""
     return frozenset(JOB_KNOBS) | COMPRESS_KNOBS | frozenset(_purify_fn().KNOBS)
+
+
+def advanced_knob_choices() -> dict[str, tuple[str, ...]]:
+    """The string-valued ``advanced`` settings and the values each accepts."""
+    return {
+        "allocation": tuple(ALLOCATORS.names()),
+        "scaling": tuple(SCALING_RULES.names()),
+        **_purify_fn().KNOB_CHOICES,
+    }
 
 
 def _purify_fn() -> Any:

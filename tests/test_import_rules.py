@@ -103,6 +103,14 @@ def test_api_advanced_settings_match_the_library() -> None:
     assert advanced_knob_names() == ADVANCED_KNOBS
 
 
+def test_api_setting_choices_match_the_library() -> None:
+    from app.methods import ADVANCED_KNOBS, KNOB_CHOICES
+    from cnc_core.job import advanced_knob_choices
+
+    assert advanced_knob_choices() == KNOB_CHOICES
+    assert set(KNOB_CHOICES) <= ADVANCED_KNOBS
+
+
 def test_job_spec_mirrors_job_config() -> None:
     from dataclasses import fields
 

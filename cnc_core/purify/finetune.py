@@ -27,6 +27,8 @@ from cnc_core.progress import ProgressFn
 
 __all__ = [
     "BN_MODES",
+    "OPTIMIZERS",
+    "PROXY_LABELS",
     "FinetuneConfig",
     "FinetuneResult",
     "agreement",
@@ -38,6 +40,9 @@ __all__ = [
 #: BN handling while fine-tuning: "eval" freezes running statistics (affine still trains);
 #: "train" uses batch statistics and updates the running ones.
 BN_MODES = ("eval", "train")
+#: ``FinetuneConfig.optimizer`` and ``proxy_labels`` choices.
+OPTIMIZERS = ("adam", "sgd")
+PROXY_LABELS = ("hard", "soft")
 
 #: Largest teacher cache (logits + distilled BN outputs on the fixed training images) kept
 #: in memory instead of running the teacher on every batch: 0.55 GB for 922 images of a
@@ -360,7 +365,7 @@ def finetune(
     """
     if config.bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, not {config.bn_mode!r}")
-    if config.proxy_labels not in ("hard", "soft"):
+    if config.proxy_labels not in PROXY_LABELS:
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)

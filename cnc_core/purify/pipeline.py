@@ -42,6 +42,9 @@ from cnc_core.compress import CompressConfig, CompressResult, compress, compress
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
 from cnc_core.purify.finetune import (
+    BN_MODES,
+    OPTIMIZERS,
+    PROXY_LABELS,
     FinetuneConfig,
     FinetuneResult,
     StampFn,
@@ -52,6 +55,8 @@ from cnc_core.purify.finetune import (
 )
 from cnc_core.purify.permutation import PermutationInversionConfig, permutation_inversion
 from cnc_core.purify.proxies import (
+    INVERSION_USES,
+    PROXY_KINDS,
     PGDConfig,
     ProxyConfig,
     ProxySet,
@@ -76,6 +81,7 @@ from cnc_core.purify.refit import (
     refit_compact,
 )
 from cnc_core.purify.sensitivity import (
+    SENSITIVITY_ACTIONS,
     SensitivityConfig,
     SensitivityResult,
     suppress_sensitive_ranks,
@@ -85,6 +91,7 @@ from cnc_core.purify.synthesis import SynthesisConfig, synthesize
 __all__ = [
     "ALLOCATION_SPECTRA",
     "KNOBS",
+    "KNOB_CHOICES",
     "METHODS",
     "METHOD_COMPRESS_DEFAULTS",
     "PurifyConfig",
@@ -329,6 +336,20 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "allocation_spectra": ("allocation_spectra",),
+}
+
+#: The string-valued knobs and the values each accepts (the API checks them at submission
+#: from a copy, ``app/methods.py``, so a misspelt value is a 422, not a failed job).
+KNOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "proxy": tuple(PROXY_KINDS),
+    "inversion_use": INVERSION_USES,
+    "bn_mode": BN_MODES,
+    "optimizer": OPTIMIZERS,
+    "proxy_labels": PROXY_LABELS,
+    "sensitivity_action": SENSITIVITY_ACTIONS,
+    "blend_proxy": BLEND_PROXIES,
+    "refit_weighting": REFIT_WEIGHTINGS,
+    "allocation_spectra": ALLOCATION_SPECTRA,
 }
 
 

@@ -38,6 +38,7 @@ from cnc_core.progress import ProgressFn
 from cnc_core.purify.synthesis import normalisation_bounds, to_tensor_stats
 
 __all__ = [
+    "INVERSION_USES",
     "PGDConfig",
     "PROXY_KINDS",
     "ProxyConfig",
@@ -60,6 +61,10 @@ __all__ = [
 ]
 
 Norm = float | tuple[float, ...]
+
+
+#: ``TriggerInversionConfig.use``: which inverted triggers become proxies.
+INVERSION_USES = ("suspected", "anomalous", "all")
 
 
 @dataclass(frozen=True)
@@ -632,7 +637,7 @@ def _inversion_proxies(
     stage: str,
 ) -> ProxySet:
     inv_cfg = config.inversion
-    if inv_cfg.use not in ("suspected", "anomalous", "all"):
+    if inv_cfg.use not in INVERSION_USES:
         raise ValueError(f"unknown inversion use {inv_cfg.use!r}")
     inv = trigger_inversion(
         model,

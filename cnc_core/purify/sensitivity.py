@@ -30,12 +30,16 @@ from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from cnc_core.progress import ProgressFn
 
 __all__ = [
+    "SENSITIVITY_ACTIONS",
     "SensitivityConfig",
     "SensitivityResult",
     "rank_components",
     "rank_sensitivity",
     "suppress_sensitive_ranks",
 ]
+
+#: ``SensitivityConfig.action``: what happens to an outlier component.
+SENSITIVITY_ACTIONS = ("prune", "scale")
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ def suppress_sensitive_ranks(
     core's mode-1 unfolding, or of ``U2^T``), exactly the per-component scaling of C&C step 3
     but chosen by the proxies' response rather than by the singular value.
     """
-    if config.action not in ("prune", "scale"):
+    if config.action not in SENSITIVITY_ACTIONS:
         raise ValueError(f"action must be 'prune' or 'scale', not {config.action!r}")
     scores = rank_sensitivity(model, clean, proxies, config, progress=progress, stage=stage)
     groups = rank_components(model, config.include_dense)

@@ -70,6 +70,12 @@ def test_422_names_the_field(client, make_key):
     assert all(m in r.json()["detail"] for m in METHODS)
     r = client.post("/v1/jobs", json=spec(model_id, advanced={"epochz": 3}), headers=bearer(key))
     assert "epochz" in r.json()["detail"] and "epochs" in r.json()["detail"]  # names the known
+    bad_value = spec(model_id, advanced={"allocation_spectra": "gradient"})
+    r = client.post("/v1/jobs", json=bad_value, headers=bearer(key))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "advanced"
+    assert "gradient" in r.json()["detail"] and "response" in r.json()["detail"]
+    good_value = spec(model_id, advanced={"allocation_spectra": "weight", "bn_mode": "eval"})
+    assert client.post("/v1/jobs", json=good_value, headers=bearer(key)).status_code == 202
     r = client.post("/v1/jobs", json=spec(model_id, mean=[0.1, 0.2]), headers=bearer(key))
     assert r.status_code == 422 and "mean" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(str(uuid.uuid4())), headers=bearer(key))
