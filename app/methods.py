@@ -72,6 +72,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_restarts",
         "permutation_min_flip",
         "permutation_min_targets",
+        "permutation_max_anomaly",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

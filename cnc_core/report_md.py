@@ -119,7 +119,12 @@ def _detection(report: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     perm = det.get("permutation_inversion")
-    if perm:
+    if perm and perm.get("skipped"):
+        lines += [
+            f"Permutation trigger (the all-to-all proxy): not searched; {perm['skipped']}.",
+            "",
+        ]
+    elif perm:
         verdict = (
             "stamped beside the inverted trigger in unlearning"
             if perm["used"]

@@ -251,7 +251,7 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     assert PurifyConfig.for_method("cnc").permutation is not None
     assert PurifyConfig.for_method("cnc-paper").permutation is None
-    small = dict(detect=False, permutation_restarts=2)
+    small = dict(detect=False, permutation_restarts=2, permutation_max_anomaly=None)
     plain = purify(model, _config("cnc", detect=False, permutation=False), **kw)
     assert "permutation" not in plain.timings and "permutation_inversion" not in plain.detection
     off = purify(model, _config("cnc", permutation_min_flip=1.01, **small), **kw)
@@ -267,6 +267,12 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     # a trigger below the bar changes nothing; one above it changes the training
     assert torch.allclose(off.model(x), plain.model(x), atol=1e-6)
     assert not torch.allclose(on.model(x), plain.model(x), atol=1e-6)
+    # a clear all-to-one target (anomaly index at or above the limit): no search at all
+    skip = purify(model, _config("cnc", detect=False, permutation_max_anomaly=0.0), **kw)
+    record = skip.detection["permutation_inversion"]
+    assert record["used"] is False and "anomaly index" in record["skipped"]
+    assert torch.allclose(skip.model(x), plain.model(x), atol=1e-6)
+    assert "not searched" in render_report({"detection": skip.detection})
 
 
 def test_report_says_what_the_permutation_trigger_did() -> None:
