@@ -33,6 +33,7 @@ from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig, compress, compressible_layers  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
+from cnc_core.metrics import count_macs  # noqa: E402
 from cnc_core.purify.finetune import agreement, finetune, recalibrate_bn  # noqa: E402
 from cnc_core.purify.pipeline import PurifyConfig  # noqa: E402
 from cnc_core.purify.refit import activation_spectra, refit_compact  # noqa: E402
@@ -96,6 +97,7 @@ def main() -> None:
         row = {
             "variant": variant,
             "params": cres.params_after,
+            "macs": count_macs(student, (3, 32, 32)),
             "acc_refit": accuracy(student, xs, ys, **MS),
             "agree_refit": agreement(student, model, images),
             "ranks": _ranks_summary(cres.decisions),
@@ -115,8 +117,8 @@ def main() -> None:
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
-    header = "| variant | params | ACC refit | agree refit |"
-    rule = "|---|---|---|---|"
+    header = "| variant | params | MACs | ACC refit | agree refit |"
+    rule = "|---|---|---|---|---|"
     if args.finetune_epochs:
         header += f" ACC +{args.finetune_epochs} ep KD |"
         rule += "---|"
@@ -125,7 +127,8 @@ def main() -> None:
     print(rule)
     for r in rows:
         line = (
-            f"| {r['variant']} | {r['params']:,} | {r['acc_refit']:.2f} | {r['agree_refit']:.3f} |"
+            f"| {r['variant']} | {r['params']:,} | {r['macs'] / 1e6:.1f}M | {r['acc_refit']:.2f} "
+            f"| {r['agree_refit']:.3f} |"
         )
         if args.finetune_epochs:
             line += f" {r['acc_ft']:.2f} |"
