@@ -78,6 +78,7 @@ from cnc_core.purify.refit import (
     REFIT_WEIGHTINGS,
     RefitConfig,
     activation_spectra,
+    layer_moments,
     refit_compact,
 )
 from cnc_core.purify.sensitivity import (
@@ -645,16 +646,20 @@ def purify(
         trigger_untrusted = cleaning["rounds_applied"] == 0
 
     with plan.stage("compress"):
-        spectra = None
+        spectra = moments = None
         if config.allocation_spectra == "response":
-            spectra = activation_spectra(
+            # the activation moments, measured once: the allocation and the refit share them
+            names = compressible_layers(kd_teacher, config.compress)
+            refit_cfg = config.refit or RefitConfig()
+            moments = layer_moments(
                 kd_teacher,
-                compressible_layers(kd_teacher, config.compress),
+                names,
                 clean,
-                config.refit,
+                batch_size=refit_cfg.batch_size,
                 progress=plan.nested("compress"),
                 stage="compress",
             )
+            spectra = activation_spectra(kd_teacher, names, clean, refit_cfg, moments=moments)
         progress_fn = None if spectra is not None else plan.nested("compress")
         cres = compress(kd_teacher, config.compress, progress=progress_fn, spectra=spectra)
         if spectra is not None:
@@ -662,7 +667,14 @@ def purify(
     student = cres.model.to(device)
     if config.refit is not None:
         with plan.stage("refit"):
-            refit_compact(kd_teacher, cres, clean, config.refit, progress=plan.nested("refit"))
+            refit_compact(
+                kd_teacher,
+                cres,
+                clean,
+                config.refit,
+                moments=moments,
+                progress=plan.nested("refit"),
+            )
     if config.recalibrate:
         recalibrate_bn(student, clean, batch_size=config.finetune.batch_size)
 

@@ -207,6 +207,7 @@ def activation_spectra(
     images: Tensor,
     config: RefitConfig | None = None,
     *,
+    moments: dict[str, _Moments] | None = None,
     progress: ProgressFn | None = None,
     stage: str = "allocate",
 ) -> dict[str, Spectrum]:
@@ -221,9 +222,10 @@ def activation_spectra(
     (``compress(..., spectra=...)``) spends the parameter budget where the responses need it.
     """
     config = config or RefitConfig()
-    moments = layer_moments(
-        model, names, images, batch_size=config.batch_size, progress=progress, stage=stage
-    )
+    if moments is None:
+        moments = layer_moments(
+            model, names, images, batch_size=config.batch_size, progress=progress, stage=stage
+        )
     spectra: dict[str, Spectrum] = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -251,13 +253,16 @@ def refit_compact(
     images: Tensor,
     config: RefitConfig | None = None,
     *,
+    moments: dict[str, _Moments] | None = None,
     progress: ProgressFn | None = None,
     stage: str = "refit",
 ) -> list[str]:
     """Replace every factorised layer of ``compressed.model`` (in place) by the
     activation-aware factors of the same ranks, fitted to ``original``'s activations on
     ``images`` (normalised synthetic images). ``original`` is the model that was compressed;
-    it is not changed. Returns the names of the layers refitted.
+    it is not changed. Returns the names of the layers refitted. ``moments``
+    (:func:`layer_moments` of ``original`` on ``images``, covering every factorised layer)
+    skips the forward pass that measures them, e.g. when the allocation already did.
 
     Raises ``ValueError`` when the compression scaled the spectrum (the refit factors are not
     orthonormal, so the scaling would be lost).
@@ -268,14 +273,15 @@ def refit_compact(
     chosen = [d for d in compressed.decisions if d.kind in ("tucker2", "svd")]
     if not chosen:
         return []
-    moments = layer_moments(
-        original,
-        [d.name for d in chosen],
-        images,
-        batch_size=config.batch_size,
-        progress=progress,
-        stage=stage,
-    )
+    if moments is None:
+        moments = layer_moments(
+            original,
+            [d.name for d in chosen],
+            images,
+            batch_size=config.batch_size,
+            progress=progress,
+            stage=stage,
+        )
     model = compressed.model
     for i, decision in enumerate(chosen):
         layer = original.get_submodule(decision.name)
