@@ -91,7 +91,12 @@ def evaluate_model(
     sets = _eval_sets(attack, mode, args)
     name = f"{attack}-{mode}"
     rows: dict[str, Any] = {
-        "none": {**_score(model, sets, device), "params": count_params(model), "seconds": 0.0}
+        "none": {
+            **_score(model, sets, device),
+            "params": count_params(model),
+            "macs": count_macs(model, SHAPE),
+            "seconds": 0.0,
+        }
     }
     print(f"[{name}] no defense {rows['none']}", flush=True)
 
@@ -119,6 +124,7 @@ def evaluate_model(
         row = {
             **_score(result.model, sets, device),
             "params": count_params(result.model),
+            "macs": count_macs(result.model, SHAPE),
             "seconds": seconds,
             "suspected_target": result.suspected_target,
             "timings": result.timings,
@@ -126,6 +132,9 @@ def evaluate_model(
             "best_epoch": result.finetune.best_epoch if result.finetune else None,
         }
         rows[label] = row
+        # the first purified model of each column is the one the latency table times: the
+        # cnc preset's allocation reads the model's responses, so architectures differ
+        args.timed_models.setdefault(label, (name, result.model))
         print(
             f"[{name}] {label}: "
             + json.dumps({k: v for k, v in row.items() if k not in ("timings", "detection")}),
@@ -177,33 +186,35 @@ def evaluate_model(
 
 
 def latency_table(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """Params, MACs and batch-1/64 latency of the original and compact architectures,
-    timed side by side (the weights do not matter for speed)."""
-    model, _ = load_zoo_model("clean", "all2one", args.width, device)
-    from cnc_core.compress import compress
+    """Params, MACs and batch-1/64 latency of the original and of the compact models the run
+    produced (the first attack's model of each column), timed side by side.
 
-    models = {"original": model}
-    for ratio in args.ratios:
-        cc = purify_config("cnc", ratio, args.seed, args.knobs).compress
-        models[f"{ratio:g}x"] = compress(model, cc).model.eval()
-    out = []
+    The ``cnc`` preset allocates ranks on each model's own response spectra, so its compact
+    architecture differs from what ``compress`` makes of the weights alone: the models
+    timed are the purified ones, not a re-compression.
+    """
+    model, _ = load_zoo_model("clean", "all2one", args.width, device)
+    models: dict[str, torch.nn.Module] = {"original": model}
+    sources = {"original": "clean"}
+    for label, (source, compact) in args.timed_models.items():
+        models[label], sources[label] = compact.eval(), source
     lat = {
         b: interleaved_latency(
             list(models.values()), SHAPE, batch_size=b, device=device, repeats=args.latency_repeats
         )
         for b in (1, 64)
     }
-    for i, (label, m) in enumerate(models.items()):
-        out.append(
-            {
-                "model": label,
-                "params": count_params(m),
-                "macs": count_macs(m, SHAPE),
-                "latency_b1_ms": lat[1][i],
-                "latency_b64_ms": lat[64][i],
-            }
-        )
-    return out
+    return [
+        {
+            "model": label,
+            "from": sources[label],
+            "params": count_params(m),
+            "macs": count_macs(m, SHAPE),
+            "latency_b1_ms": lat[1][i],
+            "latency_b64_ms": lat[64][i],
+        }
+        for i, (label, m) in enumerate(models.items())
+    ]
 
 
 def floor_asr(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -256,7 +267,8 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines.append("| **mean / max ASR** | " + " | ".join(asrs) + " |")
     lines += [
         "",
-        f"Params and purification wall time (s, standalone: synthesis included; "
+        f"Params, MACs (where recorded) and purification wall time (s, standalone: synthesis "
+        f"included; "
         f"{m.get('torch_threads', '?')} torch thread(s) per process; * synthesis time not "
         "recorded, reused from the cache):",
         "",
@@ -265,7 +277,9 @@ def to_markdown(data: dict[str, Any]) -> str:
     ]
     for r in results:
         cells = [
-            f"{r['rows'][c]['params']:,} / {r['rows'][c]['seconds']:.0f}s"
+            f"{r['rows'][c]['params']:,} / "
+            + (f"{r['rows'][c]['macs'] / 1e6:.1f}M / " if "macs" in r["rows"][c] else "")
+            + f"{r['rows'][c]['seconds']:.0f}s"
             + ("*" if r["rows"][c].get("synthesis_seconds", 0) is None else "")
             if c in r["rows"]
             else "-"
@@ -281,12 +295,13 @@ def to_markdown(data: dict[str, Any]) -> str:
     if data.get("latency"):
         lines += [
             "",
-            "| model | params | MACs | latency b1 (ms) | latency b64 (ms) |",
-            "|---|---|---|---|---|",
+            "| model | purified from | params | MACs | latency b1 (ms) | latency b64 (ms) |",
+            "|---|---|---|---|---|---|",
         ]
         for row in data["latency"]:
             lines.append(
-                f"| {row['model']} | {row['params']:,} | {row['macs'] / 1e6:.1f}M | "
+                f"| {row['model']} | {row.get('from', '-')} | {row['params']:,} | "
+                f"{row['macs'] / 1e6:.1f}M | "
                 f"{row['latency_b1_ms']:.2f} | {row['latency_b64_ms']:.2f} |"
             )
     return "\n".join(lines) + "\n"
@@ -386,6 +401,7 @@ def main() -> None:
         merge(args.merge, args.results_dir / f"backdoor-w{args.width}{args.tag}")
         return
     args.knobs = dict(parse_knob(item) for item in args.set)
+    args.timed_models = {}
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
