@@ -21,6 +21,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "decompose_linear",
         "exclude",
         "keep_dense_if_larger",
+        "mac_ratio",
         "min_layer_share",
         "rank_multiple",
         "scale_stem",

@@ -58,6 +58,13 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         default=3.0,
         help="whole-model parameter ratio, original / compact (>= 1)",
     )
+    p.add_argument(
+        "--mac-ratio",
+        type=float,
+        default=None,
+        help="also hold multiply-accumulates per image to original / this (>= 1); "
+        "the allocation keeps the fewer ranks of the two budgets",
+    )
     p.add_argument("--allocation", default=None, help="rank allocation strategy")
     p.add_argument("--scaling", default=None, help="singular-value scaling rule")
     p.add_argument("--t-scale", type=float, default=None, help="the scaling rule's T_scale")
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=32, help="input height = width in pixels")
     _compress_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -117,6 +125,8 @@ def _knobs(args: argparse.Namespace) -> dict[str, Any]:
             knobs[key] = getattr(args, key)
     if getattr(args, "t_scale", None) is not None:
         knobs["t_scale"] = args.t_scale
+    if getattr(args, "mac_ratio", None) is not None:
+        knobs["mac_ratio"] = args.mac_ratio
     for item in getattr(args, "set", []):
         key, value = parse_knob(item)
         knobs[key] = value
@@ -280,7 +290,11 @@ def _inspect(args: argparse.Namespace) -> int:
         ),
     )
     knobs = _knobs(args)
-    result = compress(model, CompressConfig(ratio=args.ratio, **knobs))
+    result = compress(
+        model,
+        CompressConfig(ratio=args.ratio, **knobs),
+        input_shape=(args.in_chans, args.input_size, args.input_size),
+    )
     if args.json:
         print(
             json.dumps(
@@ -292,7 +306,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{args.arch} (width {args.width}): {result.params_before:,} parameters")
     print(
         f"at {args.ratio}x ({result.config.allocation}): {result.params_after:,} parameters, "
-        f"achieved {result.achieved_ratio:.3f}x\n"
+        f"achieved {result.achieved_ratio:.3f}x; MACs per image "
+        f"{result.macs_before or 0:,} -> {result.macs_after or 0:,}\n"
     )
     print(
         f"{'layer':<28} {'kind':<8} {'weight':<16} {'ranks kept':<14} {'r90':<9} "

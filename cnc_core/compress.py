@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from cnc_core.allocation import ALLOCATORS, Spectrum, bisect_theta
 from cnc_core.decompose import SVDFactors, Tucker2Factors, matrix_svd, tucker2_hosvd
 from cnc_core.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, replace_module
+from cnc_core.metrics import count_macs
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.scaling import SCALING_RULES, normalise, scaling_factors
 
@@ -47,10 +48,18 @@ class CompressConfig:
     Give ``ratio`` (whole-model parameters, original / compact, >= 1) or
     ``param_budget`` (the most parameters the compact model may have), not both. With
     ``allocation="full"`` every rank is kept and no budget applies (scaling only).
+    ``mac_ratio`` adds a second budget, on multiply-accumulates per image (original /
+    compact): the allocation keeps the fewer ranks of the two budgets, and ``compress``
+    then needs the input shape.
     """
 
     ratio: float | None = 3.0
     param_budget: int | None = None
+    # Also hold MACs to at most original / mac_ratio (None: parameters only). Parameters
+    # and MACs part ways where a layer runs at high resolution with few channels: the cnc
+    # preset's response allocation keeps those dense, 25.1M MACs at 3x parameters against
+    # 12.5M for one keep ratio everywhere (original 35.0M; explore-purify.md 4m).
+    mac_ratio: float | None = None
     allocation: str = "keep_ratio"  # see cnc_core.allocation.ALLOCATORS
     scaling: str = "none"  # see cnc_core.scaling.SCALING_RULES
     t_scale: float = 1.0  # the rule's threshold T_scale
@@ -76,6 +85,14 @@ class CompressConfig:
             )
         if self.param_budget is not None and self.param_budget <= 0:
             raise CompressionError(f"param_budget must be positive, got {self.param_budget}")
+        if self.mac_ratio is not None:
+            if not math.isfinite(self.mac_ratio) or self.mac_ratio < 1.0:
+                raise CompressionError(
+                    f"mac_ratio must be a number >= 1 (original / compact MACs), "
+                    f"got {self.mac_ratio}"
+                )
+            if self.allocation == "full":
+                raise CompressionError("mac_ratio needs a rank allocation, not 'full'")
         ALLOCATORS.get(self.allocation)
         SCALING_RULES.get(self.scaling)
         if self.t_scale <= 0:
@@ -154,6 +171,10 @@ class CompressResult:
     # what the allocator read: "weight" spectra, or "given" ones (``compress(spectra=...)``;
     # the purification pipeline names them, e.g. "response")
     spectra: str = "weight"
+    # multiply-accumulates per image, where ``compress`` was given the input shape
+    macs_before: int | None = None
+    macs_after: int | None = None
+    target_macs: int | None = None
 
     @property
     def achieved_ratio(self) -> float:
@@ -169,6 +190,9 @@ class CompressResult:
             "target_params": self.target_params,
             "achieved_ratio": self.achieved_ratio,
             "theta": self.theta,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "target_macs": self.target_macs,
             "config": asdict(self.config),
             "spectra": self.spectra,
             "layers": {
@@ -186,6 +210,10 @@ class _Candidate:
     factors: Tucker2Factors | SVDFactors
     f_out: Tensor
     f_in: Tensor
+    # positions per image the layer reads and writes (H*W of a conv; 1 for a Linear on
+    # (N, features)), filled when a MAC budget applies
+    in_positions: int = 1
+    out_positions: int = 1
 
     @property
     def spectrum(self) -> Spectrum:
@@ -202,9 +230,58 @@ class _Candidate:
         k = int(w[0, 0].numel())
         return c_in * ranks[1] + ranks[0] * ranks[1] * k + ranks[0] * c_out
 
+    def macs(self, kind: str, ranks: tuple[int, int]) -> int:
+        """Multiply-accumulates per image of the layer as ``kind`` at ``ranks``, counted as
+        :func:`cnc_core.metrics.count_macs` counts the built modules (biases excluded)."""
+        w = self.module.weight
+        c_out, c_in = w.shape[0], w.shape[1]
+        k = int(w[0, 0].numel()) if w.dim() > 2 else 1
+        if kind == "svd":  # both factors at the output positions (a 1x1 keeps its stride)
+            return self.out_positions * ranks[0] * (c_in + c_out)
+        if kind == "tucker2":
+            r_out, r_in = ranks
+            return self.in_positions * c_in * r_in + self.out_positions * (
+                r_in * r_out * k + r_out * c_out
+            )
+        return self.out_positions * c_out * c_in * k  # dense (groups == 1)
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def _positions(
+    model: nn.Module, names: list[str], input_shape: Sequence[int]
+) -> dict[str, tuple[int, int]]:
+    """``{name: (input positions, output positions)}`` per image, from one eval forward."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def keep(name: str, module: nn.Module) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            inp = args[0]
+            width_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+            width_out = (
+                module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+            )
+            n = inp.shape[0]
+            seen[name] = (inp.numel() // (n * width_in), out.numel() // (n * width_out))
+
+        return hook
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(keep(n, model.get_submodule(n))) for n in names
+    ]
+    was = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def find_candidates(
@@ -252,6 +329,7 @@ def compress(
     progress: ProgressFn | None = None,
     *,
     spectra: Mapping[str, Spectrum] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> CompressResult:
     """Decompose, scale and prune ``model`` to the budget in ``config``.
 
@@ -260,8 +338,14 @@ def compress(
     ratio that can. ``spectra`` (by layer name) replaces the weight spectra the allocator
     sees, e.g. response spectra on synthetic images
     (:func:`cnc_core.purify.refit.activation_spectra`); the factors are still the weights'.
+    ``input_shape`` (``(C, H, W)``, no batch axis) gives the MAC counts, and is required
+    with ``config.mac_ratio``.
     """
     config.validate()
+    if config.mac_ratio is not None and input_shape is None:
+        raise CompressionError(
+            "mac_ratio needs the input shape: compress(..., input_shape=(C, H, W))"
+        )
     plan = StagePlan([("decompose", 3.0), ("allocate", 1.0), ("build", 1.0)], progress)
     params_before = count_params(model)
     eligible, skipped = find_candidates(model, config)
@@ -274,6 +358,16 @@ def compress(
 
     eligible_dense = sum(_layer_params(c.module) for c in candidates)
     fixed = params_before - eligible_dense
+    macs_before = mac_target = None
+    fixed_macs = 0
+    if input_shape is not None:
+        positions = _positions(model, [c.name for c in candidates], input_shape)
+        for c in candidates:
+            c.in_positions, c.out_positions = positions.get(c.name, (0, 0))
+        macs_before = count_macs(model, input_shape)
+        fixed_macs = macs_before - sum(c.macs("dense", (0, 0)) for c in candidates)
+        if config.mac_ratio is not None:
+            mac_target = int(math.floor(macs_before / config.mac_ratio))
     if config.allocation == "full":
         target = None
     elif config.param_budget is not None:
@@ -310,6 +404,9 @@ def compress(
     def total(theta: float) -> int:
         return fixed + sum(choose(c, theta)[2] for c in candidates)
 
+    def total_macs(theta: float) -> int:
+        return fixed_macs + sum(c.macs(*choose(c, theta)[:2]) for c in candidates)
+
     with plan.stage("allocate"):
         smallest = total(0.0)
         if target is None:
@@ -324,6 +421,20 @@ def compress(
             )
         else:
             theta = bisect_theta(total, target)
+        if mac_target is not None and macs_before is not None:
+            fewest = total_macs(0.0)
+            if fewest > mac_target:
+                kept = fixed_macs + sum(
+                    c.macs("dense", (0, 0)) for c in candidates if c.name in small
+                )
+                raise CompressionError(
+                    f"cannot reach {config.mac_ratio:.2f}x in MACs ({mac_target:,}): the "
+                    f"cheapest model this allocation can make needs {fewest:,} MACs "
+                    f"({macs_before / fewest:.2f}x); layers that are not decomposed, or kept "
+                    f"dense by min_layer_share={config.min_layer_share:g}, need "
+                    f"{kept:,}"
+                )
+            theta = min(theta, bisect_theta(total_macs, mac_target))
 
     compact = copy.deepcopy(model)
     decisions: list[LayerDecision] = []
@@ -355,6 +466,9 @@ def compress(
         theta=theta,
         config=config,
         spectra="given" if spectra else "weight",
+        macs_before=macs_before,
+        macs_after=count_macs(compact, input_shape) if input_shape is not None else None,
+        target_macs=mac_target,
     )
 
 

@@ -190,7 +190,12 @@ def run_job(
     purify_timings: dict[str, float] = {}
     with plan.stage(main_stage):
         if config.method == "compress":
-            result = compress(original, compress_config, progress=plan.nested(main_stage))
+            result = compress(
+                original,
+                compress_config,
+                progress=plan.nested(main_stage),
+                input_shape=input_shape,
+            )
             compact, decisions, summary = result.model, result.decisions, result.summary()
             surgery = result.surgery_record()
         else:

@@ -545,7 +545,9 @@ def purify(
 
     if config.method == "compress":
         with plan.stage("compress"):
-            cres = compress(teacher, config.compress, progress=plan.nested("compress"))
+            cres = compress(
+                teacher, config.compress, progress=plan.nested("compress"), input_shape=shape
+            )
         return PurifyResult(cres.model.eval(), config.method, cres, timings=dict(plan.timings))
 
     if config.method == "clp":
@@ -555,7 +557,9 @@ def purify(
         result = PurifyResult(cl.model.eval(), config.method, clp=cl)
         if config.clp_compress:
             with plan.stage("compress"):
-                cres = compress(cl.model, config.compress, progress=plan.nested("compress"))
+                cres = compress(
+                    cl.model, config.compress, progress=plan.nested("compress"), input_shape=shape
+                )
             result.model, result.compress = cres.model.eval(), cres
         result.detection = {"clp_pruned": cl.pruned}
         result.timings = dict(plan.timings)
@@ -661,7 +665,9 @@ def purify(
             )
             spectra = activation_spectra(kd_teacher, names, clean, refit_cfg, moments=moments)
         progress_fn = None if spectra is not None else plan.nested("compress")
-        cres = compress(kd_teacher, config.compress, progress=progress_fn, spectra=spectra)
+        cres = compress(
+            kd_teacher, config.compress, progress=progress_fn, spectra=spectra, input_shape=shape
+        )
         if spectra is not None:
             cres.spectra = "response"
     student = cres.model.to(device)

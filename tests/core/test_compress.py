@@ -211,3 +211,63 @@ def test_rank_multiple_aligns_every_factorised_rank_and_still_meets_the_budget()
     assert any(d.ranks[0] % 8 for d in plain.decisions if d.kind == "tucker2")
     with pytest.raises(CompressionError, match="rank_multiple"):
         CompressConfig(rank_multiple=0).validate()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50_imagenet", "mobilenet_v2"])
+def test_predicted_layer_macs_equal_the_built_modules(arch: str) -> None:
+    """The allocator's MAC formula per layer kind (Tucker-2 with its stride, SVD of a
+    strided 1x1 conv and of a Linear, dense) equals what count_macs measures."""
+    from cnc_core.compress import _decompose, _positions, find_candidates
+    from cnc_core.metrics import count_macs
+
+    model = _model(arch)
+    shape = tuple(_input(arch).shape[1:])
+    config = CompressConfig(ratio=2, keep_dense_if_larger=False)
+    result = compress(model, config, input_shape=shape)
+    eligible, _ = find_candidates(model, config)
+    positions = _positions(model, [n for n, _, _ in eligible], shape)
+    predicted = result.macs_before
+    assert predicted == count_macs(model, shape)
+    by_name = {d.name: d for d in result.decisions}
+    for name, module, kind in eligible:
+        c = _decompose(name, module, kind, config)  # type: ignore[arg-type]
+        c.in_positions, c.out_positions = positions[name]
+        d = by_name[name]
+        predicted += c.macs(d.kind, d.ranks) - c.macs("dense", (0, 0))
+    assert {d.kind for d in result.decisions} & {"tucker2", "svd"}
+    assert predicted == result.macs_after == count_macs(result.model, shape)
+
+
+def test_mac_budget_holds_beside_the_parameter_budget() -> None:
+    model = _model("resnet18", width=8)
+    shape = (3, 32, 32)
+    params_only = compress(model, CompressConfig(ratio=2, min_layer_share=0.1), input_shape=shape)
+    assert params_only.macs_before is not None and params_only.macs_after is not None
+    assert params_only.target_macs is None
+    # min_layer_share keeps layer1 dense: parameters fall 2x, MACs much less
+    assert params_only.macs_before / params_only.macs_after < 1.5
+    both = compress(
+        model, CompressConfig(ratio=2, mac_ratio=1.7, min_layer_share=0.1), input_shape=shape
+    )
+    assert both.target_macs == int(params_only.macs_before / 1.7)
+    assert both.macs_after is not None and both.macs_after <= both.target_macs
+    assert both.macs_after > 0.9 * both.target_macs  # the MAC budget binds, and is spent
+    assert both.achieved_ratio >= 2
+    assert both.summary()["macs_after"] == both.macs_after
+
+
+def test_mac_budget_errors_name_the_problem() -> None:
+    model = _model("resnet18", width=8)
+    with pytest.raises(CompressionError, match="input shape"):
+        compress(model, CompressConfig(ratio=2, mac_ratio=2.0))
+    with pytest.raises(CompressionError, match="min_layer_share=0.5"):
+        compress(
+            model,
+            CompressConfig(ratio=2, mac_ratio=20.0, min_layer_share=0.5),
+            input_shape=(3, 32, 32),
+        )
+    for bad in (0.5, float("inf")):
+        with pytest.raises(CompressionError, match="mac_ratio"):
+            CompressConfig(mac_ratio=bad).validate()
+    with pytest.raises(CompressionError, match="full"):
+        CompressConfig(allocation="full", ratio=None, mac_ratio=2.0).validate()
