@@ -224,7 +224,12 @@ def _layers(report: dict[str, Any]) -> list[str]:
         how = [
             f"Ranks allocated by `{cfg['allocation']}` on the layers' {spectra}; layers with "
             f"less than {cfg.get('min_layer_share', 0.0):.0%} of the largest layer's weights "
-            "kept dense.",
+            "kept dense."
+            + (
+                f" MACs held to 1/{cfg['mac_ratio']:g} of the original's as well."
+                if cfg.get("mac_ratio")
+                else ""
+            ),
             "",
         ]
     return [

@@ -329,3 +329,20 @@ def test_cnc_allocates_ranks_on_response_spectra_and_reports_it() -> None:
     assert by_weight.keys() == by_response.keys() and by_weight != by_response
     with pytest.raises(ValueError, match="allocation_spectra"):
         ranks("gradient")
+
+
+def test_purify_holds_a_mac_budget_and_the_report_says_so() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=4, in_chans=3, width=4).eval()
+    cc = CompressConfig(ratio=1.5, allocation="threshold", mac_ratio=1.5)
+    config = PurifyConfig.from_knobs(
+        method="cnc", compress=cc, knobs=dict(SMALL, detect=False, epochs=0)
+    )
+    res = purify(model, config, mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    assert res.compress is not None
+    summary = res.compress.summary()
+    assert summary["macs_after"] <= summary["target_macs"] < summary["macs_before"]
+    page = render_report(
+        {"compression": summary, "layers": [d.to_dict() for d in res.compress.decisions]}
+    )
+    assert "MACs held to 1/1.5 of the original's" in page
