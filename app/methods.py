@@ -39,6 +39,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "cleaning",
         "cleaning_max_fraction",
         "cleaning_min_agreement",
+        "cleaning_min_mask_growth",
         "cleaning_rounds",
         "cleaning_u",
         "clp_compress",

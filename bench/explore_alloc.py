@@ -5,11 +5,12 @@ after a short distillation.
     .venv/bin/python bench/explore_alloc.py --attack badnet --mode all2one --ratio 3 \\
         --variants keep_ratio/weight energy/response threshold/response --finetune-epochs 5
 
-A variant is ``ALLOCATION/SPECTRUM[/MIN_LAYER_SHARE]``: an allocator of
+A variant is ``ALLOCATION/SPECTRUM[/MIN_LAYER_SHARE[/MAC_RATIO]]``: an allocator of
 :mod:`cnc_core.allocation`, fed the layers' weight spectra ("weight", what ``compress``
 uses alone) or their response spectra on the synthetic images ("response",
 :func:`cnc_core.purify.refit.activation_spectra`). Width-16 zoo models, Fashion-MNIST (not
-CIFAR-10); the synthetic images are the ``cnc`` preset's, from the shared cache. Real test
+CIFAR-10); MAC_RATIO adds ``CompressConfig.mac_ratio`` (a MAC budget beside the parameter
+one); the synthetic images are the ``cnc`` preset's, from the shared cache. Real test
 images only score the result. Prints a markdown table and appends JSON lines to
 ``bench/results/explore-alloc.jsonl``.
 """
@@ -81,7 +82,10 @@ def main() -> None:
         parts = variant.split("/")
         allocation, spectrum = parts[0], parts[1]
         share = float(parts[2]) if len(parts) > 2 else 0.0
-        cfg = CompressConfig(ratio=args.ratio, allocation=allocation, min_layer_share=share)
+        mac_ratio = float(parts[3]) if len(parts) > 3 else None
+        cfg = CompressConfig(
+            ratio=args.ratio, allocation=allocation, min_layer_share=share, mac_ratio=mac_ratio
+        )
         t0 = time.perf_counter()
         spectra = None
         if spectrum == "response":
@@ -90,7 +94,7 @@ def main() -> None:
             spectra = activation_spectra(model, base_names, images)
         elif spectrum != "weight":
             raise SystemExit(f"spectrum must be weight or response, not {spectrum!r}")
-        cres = compress(model, cfg, spectra=spectra)
+        cres = compress(model, cfg, spectra=spectra, input_shape=(3, 32, 32))
         student = cres.model
         refit_compact(model, cres, images)
         recalibrate_bn(student, images, batch_size=128)

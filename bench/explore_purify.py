@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         "acc_before": accuracy(model, xc, yc, **ms),
         "acc": accuracy(res.model, xc, yc, **ms),
     }
+    if args.mode == "all2one":
+        # where the accuracy goes: the recall of the attack's target class (0) on clean
+        # images, before and after (session 9: the removal costs most of its ACC there)
+        t = yc == 0
+        out["target_recall_before"] = accuracy(model, xc[t], yc[t], **ms)
+        out["target_recall"] = accuracy(res.model, xc[t], yc[t], **ms)
     if sets["poisoned"] is not None:
         xp, yp = sets["poisoned"][0][: args.eval_n], sets["poisoned"][1][: args.eval_n]
         out["asr_before"] = attack_success_rate(model, xp, yp, **ms)
@@ -185,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "acc",
             "asr_before",
             "asr",
+            "target_recall_before",
+            "target_recall",
             "suspected_target",
             "anomaly_index",
             "suppressed",

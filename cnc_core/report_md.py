@@ -112,10 +112,22 @@ def _detection(report: dict[str, Any]) -> list[str]:
             "",
         ]
         for i, rnd in enumerate(cleaning.get("rounds", []), 1):
-            verdict = "undone (the model lost its clean function)" if rnd.get("undone") else "kept"
+            undone = rnd.get("undone")
+            if undone == "mask_growth":
+                verdict = (
+                    f"undone (the re-inverted trigger's mask grew only "
+                    f"{rnd.get('mask_growth', 0.0):.2f}x: the pruning did not reach the trigger)"
+                )
+            elif undone:
+                verdict = "undone (the model lost its clean function)"
+            else:
+                verdict = "kept"
+            growth = rnd.get("mask_growth")
             lines.append(
                 f"- round {i}: {rnd.get('suppressed', 0)} channels pruned, agreement "
-                f"{_pct(rnd.get('agreement'))}, {verdict}"
+                f"{_pct(rnd.get('agreement'))}"
+                + (f", trigger mask {growth:.2f}x larger after" if growth is not None else "")
+                + f", {verdict}"
             )
         lines.append("")
     perm = det.get("permutation_inversion")

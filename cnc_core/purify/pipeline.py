@@ -147,6 +147,14 @@ class PurifyConfig:
     # images it collapsed just as hard at 0.506, so the bar sits at 0.65, below every correct
     # cleaning measured (0.70-0.92) and above both collapses (section 4h).
     cleaning_min_agreement: float = 0.65
+    # Second guard: a cleaning round is undone (and cleaning stops) unless the trigger
+    # re-inverted on the cleaned model needs a mask at least this many times larger (L1) than
+    # before the round: pruning that leaves the trigger as easy to reach removed nothing the
+    # inversion can see, and only costs accuracy. Measured (session 9, explore-purify.md
+    # 4n): BadNet all-to-one 45.3 -> 117.1 (2.6x; teacher ASR 100 -> 3.6), Blended
+    # all-to-one 122.0 -> 126.0 (1.03x; teacher ASR stays 100, the student loses 1.5 ACC
+    # points to it). None disables.
+    cleaning_min_mask_growth: float | None = 1.5
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     # Activation-aware refit of the compact model's factors (same ranks) to the compressed
@@ -320,6 +328,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_max_fraction": ("teacher_cleaning", "max_fraction"),
     "cleaning_rounds": ("cleaning_rounds",),
     "cleaning_min_agreement": ("cleaning_min_agreement",),
+    "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -646,8 +655,12 @@ def purify(
         # The guard undid the cleaning: the inverted trigger is likely the wrong class, so the
         # held-out "proxy fix" score is no guide (it falls as training goes on and restored
         # epoch 2 of 30 on WaNet: 61.5% ACC, against 72.8% / 2.9% ASR for the last epoch,
-        # explore-purify.md 4g): fine-tuning keeps the last epoch instead.
-        trigger_untrusted = cleaning["rounds_applied"] == 0
+        # explore-purify.md 4g): fine-tuning keeps the last epoch instead. (A round undone
+        # because the mask did not grow leaves the trigger trusted: it is real, pruning just
+        # cannot reach it.)
+        trigger_untrusted = (
+            cleaning["rounds_applied"] == 0 and cleaning["rounds"][0].get("undone") == "agreement"
+        )
 
     with plan.stage("compress"):
         spectra = moments = None
@@ -778,8 +791,10 @@ def _clean_teacher(
 
     A round that leaves the model agreeing with ``teacher`` on fewer than
     ``config.cleaning_min_agreement`` of the clean synthetic images is undone and ends the
-    cleaning: such a collapse means the channels pruned carried the model's clean function
-    (a wrongly named target), not a trigger.
+    cleaning (``undone: "agreement"``): such a collapse means the channels pruned carried the
+    model's clean function (a wrongly named target), not a trigger. So is a round after which
+    the re-inverted trigger's mask is less than ``config.cleaning_min_mask_growth`` times its
+    size before (``undone: "mask_growth"``): the pruning did not touch the trigger.
     """
     assert config.teacher_cleaning is not None and proxies.inversion is not None
     cleaned = copy.deepcopy(teacher)
@@ -787,6 +802,7 @@ def _clean_teacher(
     # 512 paired images score the channels well enough and bound the cost
     clean, proxy_images = clean[:512], proxies.images[:512]
     target = inv.suspected_target
+    mask_norm = inv.mask_norms[target]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
     images = proxy_images
     rounds: list[dict[str, Any]] = []
@@ -799,7 +815,7 @@ def _clean_teacher(
         rounds.append(rec)
         if kept < config.cleaning_min_agreement:
             cleaned.load_state_dict(before)
-            rec["undone"] = True
+            rec["undone"] = "agreement"
             progress("cleaning", 1.0)
             break
         # re-invert on the cleaned model: the next round's proxies, and the residual signal
@@ -809,6 +825,16 @@ def _clean_teacher(
         )
         rec["target_mask_norm"] = new.mask_norms[0]
         rec["target_success"] = new.success[0]
+        rec["mask_growth"] = new.mask_norms[0] / max(mask_norm, 1e-12)
+        if (
+            config.cleaning_min_mask_growth is not None
+            and rec["mask_growth"] < config.cleaning_min_mask_growth
+        ):
+            cleaned.load_state_dict(before)
+            rec["undone"] = "mask_growth"
+            progress("cleaning", 1.0)
+            break
+        mask_norm = new.mask_norms[0]
         images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
         progress("cleaning", (r + 1) / n)
     applied = sum(not rec.get("undone", False) for rec in rounds)

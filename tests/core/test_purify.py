@@ -112,9 +112,36 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     # the trigger is untrusted: the same as no cleaning, keeping the last epoch
     plain = purify(model, _config("cnc", **loose, cleaning=False, early_stopping=False), **kw)
     assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
-    kept = purify(model, _config("cnc", **loose, cleaning_min_agreement=0.0), **kw)
+    kept = purify(
+        model,
+        _config("cnc", **loose, cleaning_min_agreement=0.0, cleaning_min_mask_growth=None),
+        **kw,
+    )
     assert kept.detection["teacher_cleaning"]["rounds_applied"] == 1
     assert kept.detection["finetune_selection"] == "best epoch"
+    assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
+
+
+def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
+    """A round after which the re-inverted trigger's mask did not grow enough is undone: the
+    same model as no cleaning, the trigger still trusted (best epoch kept), and the report
+    says why."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5, cleaning_min_agreement=0)
+    guarded = purify(model, _config("cnc", **loose, cleaning_min_mask_growth=1e9), **kw)
+    cleaning = guarded.detection["teacher_cleaning"]
+    rnd = cleaning["rounds"][0]
+    assert rnd["suppressed"] > 0 and rnd["undone"] == "mask_growth" and rnd["mask_growth"] > 0
+    assert cleaning["rounds_applied"] == 0 and cleaning["agreement_with_original"] == 1.0
+    assert guarded.detection["finetune_selection"] == "best epoch"
+    plain = purify(model, _config("cnc", **loose, cleaning=False), **kw)
+    assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
+    page = render_report({"detection": guarded.detection})
+    assert "did not reach the trigger" in page and "x larger after" in page
+    kept = purify(model, _config("cnc", **loose, cleaning_min_mask_growth=0.0), **kw)
+    assert kept.detection["teacher_cleaning"]["rounds_applied"] == 1
     assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
 
 
