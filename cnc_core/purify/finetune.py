@@ -367,6 +367,8 @@ def finetune(
         raise ValueError(f"bn_mode must be one of {BN_MODES}, not {config.bn_mode!r}")
     if config.proxy_labels not in PROXY_LABELS:
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
@@ -419,10 +421,8 @@ def finetune(
         opt: torch.optim.Optimizer = torch.optim.Adam(
             params, lr=config.lr, weight_decay=config.weight_decay
         )
-    elif config.optimizer == "sgd":
+    else:  # "sgd"
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs, 1))
 
     steps_per_epoch = max(-(-clean_tr.shape[0] // config.batch_size), 1)

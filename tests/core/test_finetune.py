@@ -67,6 +67,10 @@ def test_finetune_is_deterministic_and_accepts_soft_labels() -> None:
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError):
         finetune(student, teacher, clean, None, None, FinetuneConfig(bn_mode="bogus"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match="optimizer must be one of .*'lbfgs'"):
+        finetune(student, teacher, clean, None, None, FinetuneConfig(optimizer="lbfgs"))
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
 def test_recalibrate_bn_matches_data_statistics() -> None:
