@@ -45,6 +45,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "clp_compress",
         "clp_u",
         "detect",
+        "drop_disputed",
         "early_stopping",
         "epochs",
         "feature_depth",

@@ -184,6 +184,10 @@ class PurifyConfig:
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
     # budget goes where the responses need it (explore-purify.md 4m).
     allocation_spectra: str = "weight"
+    # Leave out of fine-tuning the synthetic images the original model assigns to the
+    # suspected target and the cleaned teacher does not (exploration, session 9: distilling
+    # the cleaned teacher's labels on them may teach the student to avoid the target class).
+    drop_disputed: bool = False
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -332,6 +336,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
+    "drop_disputed": ("drop_disputed",),
     "refresh_every": ("refresh_every",),
     "online_proxies": ("online_proxies",),
     "blend_proxy": ("blend_proxy",),
@@ -724,6 +729,11 @@ def purify(
             config, teacher, clean, proxies.suspected_target, mean, std, num_classes
         )
         stamp = mixed_stamp([stamp, blend]) if blend is not None else stamp
+    ft_images = clean
+    if config.drop_disputed and kd_teacher is not teacher:
+        disputed = disputed_images(teacher, kd_teacher, clean, proxies.suspected_target)
+        ft_images = clean[~disputed]
+        detection["disputed_dropped"] = int(disputed.sum())
     with plan.stage("finetune"):
         if stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
@@ -733,7 +743,7 @@ def purify(
             ft = finetune(
                 student,
                 kd_teacher,
-                clean,
+                ft_images,
                 None,
                 None,
                 ft_cfg,
@@ -748,7 +758,7 @@ def purify(
             ft = finetune(
                 student,
                 kd_teacher,
-                clean,
+                ft_images,
                 proxies.images,
                 proxies.labels,
                 ft_cfg,
@@ -775,6 +785,24 @@ def purify(
         sensitivity=sens,
         proxies=proxies,
     )
+
+
+@torch.no_grad()
+def _argmax(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat(
+            [model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
+        )
+    finally:
+        model.train(was)
+
+
+def disputed_images(original: nn.Module, cleaned: nn.Module, images: Tensor, target: int) -> Tensor:
+    """Boolean mask of the ``images`` that ``original`` assigns to ``target`` and ``cleaned``
+    does not (``PurifyConfig.drop_disputed``)."""
+    return (_argmax(original, images) == target) & (_argmax(cleaned, images) != target)
 
 
 def _clean_teacher(

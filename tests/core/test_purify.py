@@ -10,7 +10,7 @@ from cnc_core.compress import CompressConfig
 from cnc_core.layers import Tucker2Conv2d
 from cnc_core.models import create_model
 from cnc_core.progress import Cancelled
-from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, purify
+from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, disputed_images, purify
 from cnc_core.purify.proxies import PROXY_KINDS
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
@@ -373,3 +373,32 @@ def test_purify_holds_a_mac_budget_and_the_report_says_so() -> None:
         {"compression": summary, "layers": [d.to_dict() for d in res.compress.decisions]}
     )
     assert "MACs held to 1/1.5 of the original's" in page
+
+
+def test_drop_disputed_leaves_out_the_images_cleaning_moved_off_the_target() -> None:
+    """The disputed images are those the original assigns to the target and the cleaned
+    teacher does not; with ``drop_disputed`` their count is reported (only where cleaning
+    ran) and they are left out of fine-tuning."""
+
+    class Fixed(nn.Module):
+        def __init__(self, labels: torch.Tensor) -> None:
+            super().__init__()
+            self.labels = labels
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            idx = x[:, 0, 0, 0].long()
+            return nn.functional.one_hot(self.labels[idx], 4).float()
+
+    images = torch.arange(6.0).view(6, 1, 1, 1)
+    original = Fixed(torch.tensor([0, 0, 0, 1, 2, 0]))
+    cleaned = Fixed(torch.tensor([0, 3, 1, 1, 0, 2]))
+    mask = disputed_images(original, cleaned, images, target=0)
+    assert mask.tolist() == [False, True, True, False, False, True]
+
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)
+    cleaned_run = purify(model, _config("cnc", **loose, drop_disputed=True), **kw)
+    assert isinstance(cleaned_run.detection["disputed_dropped"], int)
+    plain = purify(model, _config("cnc", **loose, cleaning=False, drop_disputed=True), **kw)
+    assert "disputed_dropped" not in plain.detection
