@@ -732,6 +732,7 @@ def purify(
         else "last epoch" + (" (inverted trigger untrusted)" if trigger_untrusted else "")
     )
     stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
+    blend = None
     if config.blend_proxy != "none" and stamp is not None:
         blend, detection["blend_proxy"] = _blend_stamp(
             config, teacher, clean, proxies.suspected_target, mean, std, num_classes
@@ -747,7 +748,9 @@ def purify(
             # input-agnostic proxies: stamped on the fly on augmented clean batches
             refresh_stamp = None
             if config.refresh_every > 0 and proxies.inversion is not None:
-                refresh_stamp = _stamp_refresher(config, clean, proxies, mean, std, num_classes)
+                refresh_stamp = _stamp_refresher(
+                    config, clean, proxies, mean, std, num_classes, blend=blend
+                )
             ft = finetune(
                 student,
                 kd_teacher,
@@ -993,13 +996,21 @@ def _stamp_refresher(
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
     num_classes: int,
+    blend: StampFn | None = None,
 ) -> StampRefreshFn:
-    """Re-invert the suspected target's trigger on the student; keep every trigger so far."""
+    """Re-invert the suspected target's trigger on the student; keep every trigger so far
+    (the first stamp's: the chosen inverted triggers and the permutation trigger) and the
+    ``blend`` stamp beside them, as the first stamp mixed them."""
     assert first.inversion is not None
     inv0 = first.inversion
     target = inv0.suspected_target
-    j = inv0.classes.index(target)
-    masks, patterns = [inv0.masks[j : j + 1]], [inv0.patterns[j : j + 1]]
+    idx = torch.tensor(
+        chosen_triggers(inv0, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
+    )
+    masks, patterns = [inv0.masks[idx]], [inv0.patterns[idx]]
+    if first.extra_triggers is not None:
+        masks.append(first.extra_triggers[0].to(inv0.masks.device))
+        patterns.append(first.extra_triggers[1].to(inv0.patterns.device))
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
 
     def refresh(student: nn.Module, epoch: int) -> StampFn:
@@ -1009,7 +1020,8 @@ def _stamp_refresher(
         )
         masks.append(inv.masks)
         patterns.append(inv.patterns)
-        return trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
+        triggers = trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
+        return mixed_stamp([triggers, blend]) if blend is not None else triggers
 
     return refresh
 

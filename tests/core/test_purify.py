@@ -404,3 +404,26 @@ def test_drop_disputed_leaves_out_the_images_cleaning_moved_off_the_target() -> 
     assert isinstance(cleaned_run.detection["disputed_dropped"], int)
     plain = purify(model, _config("cnc", **loose, cleaning=False, drop_disputed=True), **kw)
     assert "disputed_dropped" not in plain.detection
+
+
+def test_refreshed_stamp_keeps_the_blend_stamp_beside_the_triggers() -> None:
+    """refresh_every re-inverts the trigger on the student; the blend proxy stamped beside
+    it before the refresh is still stamped after it."""
+    from cnc_core.purify.pipeline import _stamp_refresher
+    from cnc_core.purify.proxies import make_proxies
+
+    model = _model()
+    config = _config("cnc", detect=False)
+    images = torch.rand(16, 3, 16, 16)
+    proxies = make_proxies(model, images, config.proxy, num_classes=4)
+
+    def marker(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+        return torch.full_like(x, 42.0)
+
+    refresh = _stamp_refresher(config, images, proxies, 0.0, 1.0, 4, blend=marker)
+    stamp = refresh(model, 2)
+    out = stamp(images.repeat(4, 1, 1, 1), torch.Generator().manual_seed(0))
+    marked = (out == 42.0).flatten(1).all(1)
+    assert 0 < int(marked.sum()) < out.shape[0]  # both the blend and the triggers are drawn
+    plain = _stamp_refresher(config, images, proxies, 0.0, 1.0, 4)(model, 2)
+    assert not (plain(images, torch.Generator().manual_seed(0)) == 42.0).any()
