@@ -147,14 +147,15 @@ class PurifyConfig:
     # images it collapsed just as hard at 0.506, so the bar sits at 0.65, below every correct
     # cleaning measured (0.70-0.92) and above both collapses (section 4h).
     cleaning_min_agreement: float = 0.65
-    # Second guard: a cleaning round is undone (and cleaning stops) unless the trigger
-    # re-inverted on the cleaned model needs a mask at least this many times larger (L1) than
-    # before the round: pruning that leaves the trigger as easy to reach removed nothing the
-    # inversion can see, and only costs accuracy. Measured (session 9, explore-purify.md
-    # 4n): BadNet all-to-one 45.3 -> 117.1 (2.6x; teacher ASR 100 -> 3.6), Blended
-    # all-to-one 122.0 -> 126.0 (1.03x; teacher ASR stays 100, the student loses 1.5 ACC
-    # points to it). None disables.
-    cleaning_min_mask_growth: float | None = 1.5
+    # Optional second guard (off): a cleaning round is undone (and cleaning stops) unless the
+    # trigger re-inverted on the cleaned model needs a mask at least this many times larger
+    # (L1) than before the round. Measured (session 9, explore-purify.md 4n): BadNet
+    # all-to-one 45.3 -> 117.1 (2.6x; teacher ASR 100 -> 3.6); Blended all-to-one 1.03x
+    # (teacher ASR stays 100; undoing the cleaning gave its student +1.8 ACC at 3x). But
+    # InputAware all-to-one also grows only 1.03x (136.8 -> 140.9) while its cleaning is
+    # what removes the backdoor: undone, 3x ASR 1.76% -> 54.07%. The mask cannot tell the
+    # two apart, so the preset leaves it off. None disables.
+    cleaning_min_mask_growth: float | None = None
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     # Activation-aware refit of the compact model's factors (same ranks) to the compressed
