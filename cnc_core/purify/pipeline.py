@@ -192,7 +192,8 @@ class PurifyConfig:
     # teacher's other labels on those images teaches the student to avoid the target.
     # Dropped (about 11% of the images on BadNet), 3x 87.45 / 1.75 -> 88.60 / 2.25 and 4x
     # 87.50 / 2.50 -> 88.50 / 2.50 (ACC / ASR; recall 53.5 -> 67.5 and 59.0 -> 69.5;
-    # explore-purify.md 4n). No effect where cleaning was undone.
+    # explore-purify.md 4n). Off in the preset: on InputAware all-to-one it let the backdoor
+    # back, 88.70 / 2.20 -> 88.20 / 5.70. No effect where cleaning was undone.
     drop_disputed: bool = False
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
@@ -284,9 +285,6 @@ class PurifyConfig:
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
-            # the synthetic images cleaning moved off the target, left out of fine-tuning:
-            # +1.0 to +1.2 ACC on BadNet at 3x / 4x (4n)
-            drop_disputed=True,
             seed=seed,
         )
 

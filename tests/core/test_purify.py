@@ -389,8 +389,6 @@ def test_drop_disputed_leaves_out_the_images_cleaning_moved_off_the_target() -> 
             idx = x[:, 0, 0, 0].long()
             return nn.functional.one_hot(self.labels[idx], 4).float()
 
-    assert PurifyConfig.for_method("cnc").drop_disputed
-    assert not PurifyConfig.for_method("cnc-paper").drop_disputed
     images = torch.arange(6.0).view(6, 1, 1, 1)
     original = Fixed(torch.tensor([0, 0, 0, 1, 2, 0]))
     cleaned = Fixed(torch.tensor([0, 3, 1, 1, 0, 2]))
