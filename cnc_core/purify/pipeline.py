@@ -797,22 +797,11 @@ def purify(
     )
 
 
-@torch.no_grad()
-def _argmax(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat(
-            [model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
-        )
-    finally:
-        model.train(was)
-
-
 def disputed_images(original: nn.Module, cleaned: nn.Module, images: Tensor, target: int) -> Tensor:
     """Boolean mask of the ``images`` that ``original`` assigns to ``target`` and ``cleaned``
     does not (``PurifyConfig.drop_disputed``)."""
-    return (_argmax(original, images) == target) & (_argmax(cleaned, images) != target)
+    with torch.no_grad():
+        return (predict(original, images) == target) & (predict(cleaned, images) != target)
 
 
 def _clean_teacher(
