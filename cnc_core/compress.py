@@ -211,7 +211,7 @@ class _Candidate:
     f_out: Tensor
     f_in: Tensor
     # positions per image the layer reads and writes (H*W of a conv; 1 for a Linear on
-    # (N, features)), filled when a MAC budget applies
+    # (N, features)), filled when ``compress`` is given the input shape
     in_positions: int = 1
     out_positions: int = 1
 
@@ -257,21 +257,18 @@ def _positions(
     """``{name: (input positions, output positions)}`` per image, from one eval forward."""
     seen: dict[str, tuple[int, int]] = {}
 
-    def keep(name: str, module: nn.Module) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
             inp = args[0]
-            width_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-            width_out = (
-                module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-            )
+            conv = isinstance(module, nn.Conv2d)
+            width_in = module.in_channels if conv else module.in_features
+            width_out = module.out_channels if conv else module.out_features
             n = inp.shape[0]
             seen[name] = (inp.numel() // (n * width_in), out.numel() // (n * width_out))
 
         return hook
 
-    handles = [
-        model.get_submodule(n).register_forward_hook(keep(n, model.get_submodule(n))) for n in names
-    ]
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
     was = model.training
     device = next(model.parameters()).device
     try:

@@ -737,12 +737,12 @@ def purify(
             config, teacher, clean, proxies.suspected_target, mean, std, num_classes
         )
         stamp = mixed_stamp([stamp, blend]) if blend is not None else stamp
-    ft_images = clean
-    if config.drop_disputed and kd_teacher is not teacher:
-        disputed = disputed_images(teacher, kd_teacher, clean, proxies.suspected_target)
-        ft_images = clean[~disputed]
-        detection["disputed_dropped"] = int(disputed.sum())
     with plan.stage("finetune"):
+        ft_images = clean
+        if config.drop_disputed and kd_teacher is not teacher:
+            disputed = disputed_images(teacher, kd_teacher, clean, proxies.suspected_target)
+            ft_images = clean[~disputed]
+            detection["disputed_dropped"] = int(disputed.sum())
         if stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
             refresh_stamp = None
@@ -924,20 +924,26 @@ def _stamp_of(
 ) -> StampFn | None:
     """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
     if proxies.inversion is not None:
-        inv = proxies.inversion
-        idx = torch.tensor(
-            chosen_triggers(
-                inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold
-            )
-        )
-        masks, patterns = inv.masks[idx], inv.patterns[idx]
-        if proxies.extra_triggers is not None:
-            masks = torch.cat([masks, proxies.extra_triggers[0].to(masks.device)])
-            patterns = torch.cat([patterns, proxies.extra_triggers[1].to(patterns.device)])
+        masks, patterns = _stamped_triggers(config, proxies)
         return trigger_stamp(masks, patterns, mean=mean, std=std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
+
+
+def _stamped_triggers(config: PurifyConfig, proxies: ProxySet) -> tuple[Tensor, Tensor]:
+    """Masks and patterns of the triggers stamped in fine-tuning: the inverted ones chosen by
+    ``config.proxy.inversion.use``, plus the permutation trigger when it passed its gate."""
+    inv = proxies.inversion
+    assert inv is not None
+    idx = torch.tensor(
+        chosen_triggers(inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
+    )
+    masks, patterns = inv.masks[idx], inv.patterns[idx]
+    if proxies.extra_triggers is not None:
+        masks = torch.cat([masks, proxies.extra_triggers[0].to(masks.device)])
+        patterns = torch.cat([patterns, proxies.extra_triggers[1].to(patterns.device)])
+    return masks, patterns
 
 
 def _blend_stamp(
@@ -990,15 +996,9 @@ def _stamp_refresher(
     (the first stamp's: the chosen inverted triggers and the permutation trigger) and the
     ``blend`` stamp beside them, as the first stamp mixed them."""
     assert first.inversion is not None
-    inv0 = first.inversion
-    target = inv0.suspected_target
-    idx = torch.tensor(
-        chosen_triggers(inv0, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
-    )
-    masks, patterns = [inv0.masks[idx]], [inv0.patterns[idx]]
-    if first.extra_triggers is not None:
-        masks.append(first.extra_triggers[0].to(inv0.masks.device))
-        patterns.append(first.extra_triggers[1].to(inv0.patterns.device))
+    target = first.inversion.suspected_target
+    masks0, patterns0 = _stamped_triggers(config, first)
+    masks, patterns = [masks0], [patterns0]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
 
     def refresh(student: nn.Module, epoch: int) -> StampFn:
