@@ -85,6 +85,8 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "synthesis_batch_size",
         "synthesis_iterations",
         "synthesis_lr",
+        "target_class_weight",
+        "target_images",
         "temperature",
         "tv_weight",
         "universal_eps",

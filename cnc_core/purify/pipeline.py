@@ -195,6 +195,16 @@ class PurifyConfig:
     # explore-purify.md 4n). Off in the preset: on InputAware all-to-one it let the backdoor
     # back, 88.70 / 2.20 -> 88.20 / 5.70. No effect where cleaning was undone.
     drop_disputed: bool = False
+    # Target-class synthesis: after a cleaning round held, synthesise this many extra images
+    # of the suspected target from the CLEANED model (ZeroQ with a cross-entropy term of
+    # weight ``target_class_weight`` towards the target) and add them to the fine-tuning set.
+    # The original model's own synthetic images of the target carry the trigger's features
+    # (the easiest way to make a backdoored model say "target"), so the cleaned teacher
+    # relabels most of them (BadNet: 193 -> 80 images) and the student never sees a clean
+    # example of the target class; the cleaned model, no longer moved by the trigger, has to
+    # draw the class's own features. 0 disables.
+    target_images: int = 0
+    target_class_weight: float = 1.0
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -344,6 +354,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
     "drop_disputed": ("drop_disputed",),
+    "target_images": ("target_images",),
+    "target_class_weight": ("target_class_weight",),
     "refresh_every": ("refresh_every",),
     "online_proxies": ("online_proxies",),
     "blend_proxy": ("blend_proxy",),
@@ -466,6 +478,8 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
         stages.append(
             ("cleaning", config.cleaning_rounds * inv.steps * inv.images_per_class / 1000)
         )
+    if config.target_images > 0 and config.teacher_cleaning is not None:
+        stages.append(("target_synthesis", max(config.target_images * s.iterations / 1000, 0.1)))
     stages.append(("compress", 0.5))
     if config.refit is not None:
         stages.append(("refit", 0.2))
@@ -658,6 +672,7 @@ def purify(
 
     kd_teacher = teacher
     trigger_untrusted = False
+    target_extra: Tensor | None = None
     if config.teacher_cleaning is not None and proxies.inversion is not None:
         with plan.stage("cleaning"):
             kd_teacher, cleaning = _clean_teacher(
@@ -673,6 +688,19 @@ def purify(
         trigger_untrusted = (
             cleaning["rounds_applied"] == 0 and cleaning["rounds"][0].get("undone") == "agreement"
         )
+        if config.target_images > 0:
+            with plan.stage("target_synthesis"):
+                target_extra, detection["target_synthesis"] = _target_synthesis(
+                    teacher,
+                    kd_teacher if cleaning["rounds_applied"] > 0 else None,
+                    proxies.inversion.suspected_target,
+                    synth_cfg,
+                    config,
+                    mean,
+                    std,
+                    device,
+                    plan.nested("target_synthesis"),
+                )
 
     with plan.stage("compress"):
         spectra = moments = None
@@ -743,6 +771,8 @@ def purify(
             disputed = disputed_images(teacher, kd_teacher, clean, proxies.suspected_target)
             ft_images = clean[~disputed]
             detection["disputed_dropped"] = int(disputed.sum())
+        if target_extra is not None:
+            ft_images = torch.cat([ft_images, target_extra])
         if stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
             refresh_stamp = None
@@ -802,6 +832,56 @@ def disputed_images(original: nn.Module, cleaned: nn.Module, images: Tensor, tar
     does not (``PurifyConfig.drop_disputed``)."""
     with torch.no_grad():
         return (predict(original, images) == target) & (predict(cleaned, images) != target)
+
+
+def _target_synthesis(
+    original: nn.Module,
+    cleaned: nn.Module | None,
+    target: int,
+    synth_cfg: SynthesisConfig,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    device: torch.device,
+    progress: ProgressFn,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """``config.target_images`` images of class ``target`` synthesised from the ``cleaned``
+    model (``PurifyConfig.target_images``), and a record of what both models call them.
+    None when no cleaning round held (``cleaned`` is None): the original model would draw the
+    trigger again."""
+    n = config.target_images
+    if cleaned is None:
+        progress("target_synthesis", 1.0)
+        return None, {"images": 0, "skipped": "no cleaning round held"}
+    cfg = dataclasses.replace(
+        synth_cfg,
+        num_images=n,
+        batch_size=min(synth_cfg.batch_size, n),
+        class_weight=config.target_class_weight,
+        seed=config.seed + 300,
+    )
+    classes = torch.full((n,), target, dtype=torch.long)
+    images = synthesize(
+        cleaned,
+        cfg,
+        mean=mean,
+        std=std,
+        device=device,
+        progress=progress,
+        stage="target_synthesis",
+        classes=classes,
+    )
+    with torch.no_grad():
+        by_cleaned = float((predict(cleaned, images) == target).float().mean())
+        by_original = float((predict(original, images) == target).float().mean())
+    record = {
+        "images": n,
+        "target": target,
+        "class_weight": config.target_class_weight,
+        "cleaned_says_target": by_cleaned,
+        "original_says_target": by_original,
+    }
+    return images, record
 
 
 def _clean_teacher(

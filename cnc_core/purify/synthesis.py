@@ -236,6 +236,7 @@ def synthesize(
     progress: ProgressFn | None = None,
     stage: str = "synthesis",
     labels_out: list[Tensor] | None = None,
+    classes: Tensor | None = None,
 ) -> Tensor:
     """Synthesise ``config.num_images`` images from ``model``'s BN statistics (ZeroQ).
 
@@ -252,6 +253,10 @@ def synthesize(
         ``progress(stage, fraction)``, called once per Adam step; raising ``Cancelled`` stops.
     labels_out : list, optional
         When given and ``class_weight > 0``, the assigned class of every image is appended.
+    classes : Tensor, optional
+        ``(num_images,)`` class indices to push the images towards (with weight
+        ``class_weight > 0``) instead of the balanced seeded assignment: class-conditional
+        synthesis, e.g. of one class (``PurifyConfig.target_images``).
 
     Returns
     -------
@@ -263,6 +268,14 @@ def synthesize(
     if config.statistics not in ("batch", "sample"):
         raise ValueError(f"statistics must be 'batch' or 'sample', not {config.statistics!r}")
     per_sample = config.statistics == "sample"
+    if classes is not None:
+        if config.class_weight <= 0:
+            raise ValueError("classes needs class_weight > 0")
+        if tuple(classes.shape) != (config.num_images,):
+            raise ValueError(
+                f"classes must hold one class per image ({config.num_images}), "
+                f"got shape {tuple(classes.shape)}"
+            )
     lo, hi = normalisation_bounds(mean, std, c, device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
 
@@ -278,7 +291,11 @@ def synthesize(
 
     num_classes = config.num_classes
     assigned: Tensor | None = None
-    if config.class_weight > 0:
+    if classes is not None:
+        assigned = classes.to(device=device, dtype=torch.long)
+        if labels_out is not None:
+            labels_out.append(assigned.clone())
+    elif config.class_weight > 0:
         if num_classes is None:
             with torch.no_grad():
                 num_classes = int(model(torch.zeros(1, c, h, w, device=device)).shape[1])

@@ -404,6 +404,33 @@ def test_drop_disputed_leaves_out_the_images_cleaning_moved_off_the_target() -> 
     assert "disputed_dropped" not in plain.detection
 
 
+def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model() -> None:
+    """With ``target_images`` the cleaned teacher draws extra images of the suspected target
+    for fine-tuning (stage timed, record in the detection); with no cleaning round held
+    there is no cleaned model to draw from, and nothing is added."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)
+    held = dict(loose, cleaning_min_agreement=0.0)
+    run = purify(model, _config("cnc", **held, target_images=8, target_class_weight=50.0), **kw)
+    record = run.detection["target_synthesis"]
+    assert record["images"] == 8 and record["target"] == run.suspected_target
+    assert 0.0 <= record["original_says_target"] <= 1.0
+    assert record["cleaned_says_target"] > 0.5  # pulled to the target by the cleaned model
+    assert "target_synthesis" in run.timings
+    undone = purify(
+        model,
+        _config("cnc", **loose, target_images=8, cleaning_min_agreement=1.01),
+        **kw,
+    )
+    assert undone.detection["target_synthesis"] == {
+        "images": 0,
+        "skipped": "no cleaning round held",
+    }
+    plain = purify(model, _config("cnc", **loose), **kw)
+    assert "target_synthesis" not in plain.detection
+
+
 def test_refreshed_stamp_keeps_the_blend_stamp_beside_the_triggers() -> None:
     """refresh_every re-inverts the trigger on the student; the blend proxy stamped beside
     it before the refresh is still stamped after it."""

@@ -108,6 +108,22 @@ def test_class_balanced_variant_assigns_and_reaches_classes() -> None:
     assert hit > 0.9
 
 
+def test_explicit_classes_pull_every_image_to_its_class() -> None:
+    net = tiny_net()
+    cfg = SynthesisConfig(
+        num_images=8, batch_size=8, image_shape=(3, 8, 8), iterations=80, class_weight=50.0
+    )
+    classes = torch.full((8,), 2, dtype=torch.long)
+    images = synthesize(net, cfg, mean=MEAN, std=STD, classes=classes)
+    assert (net(images).argmax(1) == 2).float().mean() > 0.9
+    with pytest.raises(ValueError, match="one class per image"):
+        synthesize(net, cfg, mean=MEAN, std=STD, classes=classes[:4])
+    with pytest.raises(ValueError, match="class_weight > 0"):
+        plain = SynthesisConfig(num_images=8, batch_size=8, image_shape=(3, 8, 8), iterations=1)
+        synthesize(net, plain, mean=MEAN, std=STD, classes=classes)
+    assert all(p.requires_grad for p in net.parameters())  # refused before any change
+
+
 def test_synthesis_cancels_within_one_step() -> None:
     net = tiny_net()
     calls: list[float] = []
