@@ -37,6 +37,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "bn_mode",
         "class_weight",
         "cleaning",
+        "cleaning_max_flip",
         "cleaning_max_fraction",
         "cleaning_min_agreement",
         "cleaning_min_mask_growth",

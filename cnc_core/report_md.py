@@ -118,14 +118,26 @@ def _detection(report: dict[str, Any]) -> list[str]:
                     f"undone (the re-inverted trigger's mask grew only "
                     f"{rnd.get('mask_growth', 0.0):.2f}x: the pruning did not reach the trigger)"
                 )
+            elif undone == "flip":
+                verdict = (
+                    f"undone (the stamped trigger still reached the target on "
+                    f"{_pct(rnd.get('flip_after'))} of the images: the pruning did not reach "
+                    "the trigger)"
+                )
             elif undone:
                 verdict = "undone (the model lost its clean function)"
             else:
                 verdict = "kept"
             growth = rnd.get("mask_growth")
+            flips = (rnd.get("flip_before"), rnd.get("flip_after"))
             lines.append(
                 f"- round {i}: {rnd.get('suppressed', 0)} channels pruned, agreement "
                 f"{_pct(rnd.get('agreement'))}"
+                + (
+                    f", stamped trigger reaches the target {_pct(flips[0])} -> {_pct(flips[1])}"
+                    if None not in flips
+                    else ""
+                )
                 + (f", trigger mask {growth:.2f}x larger after" if growth is not None else "")
                 + f", {verdict}"
             )

@@ -156,6 +156,12 @@ class PurifyConfig:
     # what removes the backdoor: undone, 3x ASR 1.76% -> 54.07%. The mask cannot tell the
     # two apart, so the preset leaves it off. None disables.
     cleaning_min_mask_growth: float | None = None
+    # Optional third guard (off): a cleaning round is undone (and cleaning stops) when the
+    # cleaned model still sends more than this share of the round's trigger-stamped images
+    # (those whose clean source the original does not assign to the target) to the target:
+    # the pruning did not take the trigger's path, only some clean function. Every round
+    # records both shares (``flip_before``, ``flip_after``). None disables.
+    cleaning_max_flip: float | None = None
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     # Activation-aware refit of the compact model's factors (same ranks) to the compressed
@@ -350,6 +356,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_rounds": ("cleaning_rounds",),
     "cleaning_min_agreement": ("cleaning_min_agreement",),
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
+    "cleaning_max_flip": ("cleaning_max_flip",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -901,7 +908,9 @@ def _clean_teacher(
     cleaning (``undone: "agreement"``): such a collapse means the channels pruned carried the
     model's clean function (a wrongly named target), not a trigger. So is a round after which
     the re-inverted trigger's mask is less than ``config.cleaning_min_mask_growth`` times its
-    size before (``undone: "mask_growth"``): the pruning did not touch the trigger.
+    size before (``undone: "mask_growth"``), or after which the round's stamped images still
+    reach the target more often than ``config.cleaning_max_flip`` (``undone: "flip"``): the
+    pruning did not touch the trigger.
     """
     assert config.teacher_cleaning is not None and proxies.inversion is not None
     cleaned = copy.deepcopy(teacher)
@@ -912,17 +921,37 @@ def _clean_teacher(
     mask_norm = inv.mask_norms[target]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
     images = proxy_images
+    with torch.no_grad():
+        off_target = predict(teacher, clean) != target  # sources a flip can be counted on
+
+    def flip(net: nn.Module, stamped: Tensor) -> float:
+        if not bool(off_target.any()):
+            return 0.0
+        with torch.no_grad():
+            return float((predict(net, stamped[off_target]) == target).float().mean())
+
     rounds: list[dict[str, Any]] = []
     n = max(config.cleaning_rounds, 1)
     for r in range(n):
         before = copy.deepcopy(cleaned.state_dict())
+        flip_before = flip(cleaned, images)
         res = suppress_sensitive_ranks(cleaned, clean, images, config.teacher_cleaning)
         kept = agreement(cleaned, teacher, clean)
-        rec: dict[str, Any] = {"suppressed": res.num_suppressed, "agreement": kept}
+        rec: dict[str, Any] = {
+            "suppressed": res.num_suppressed,
+            "agreement": kept,
+            "flip_before": flip_before,
+            "flip_after": flip(cleaned, images),
+        }
         rounds.append(rec)
         if kept < config.cleaning_min_agreement:
             cleaned.load_state_dict(before)
             rec["undone"] = "agreement"
+            progress("cleaning", 1.0)
+            break
+        if config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
+            cleaned.load_state_dict(before)
+            rec["undone"] = "flip"
             progress("cleaning", 1.0)
             break
         # re-invert on the cleaned model: the next round's proxies, and the residual signal

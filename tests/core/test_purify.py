@@ -145,6 +145,29 @@ def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
     assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
 
 
+def test_cleaning_after_which_the_trigger_still_fires_is_undone() -> None:
+    """Every round records how often the stamped trigger reaches the target before and
+    after; a round whose share after exceeds ``cleaning_max_flip`` is undone (the model is
+    then the uncleaned one, the trigger still trusted) and the report says why."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5, cleaning_min_agreement=0)
+    kept = purify(model, _config("cnc", **loose, cleaning_max_flip=1.0), **kw)
+    rnd = kept.detection["teacher_cleaning"]["rounds"][0]
+    assert 0.0 <= rnd["flip_after"] <= 1.0 and 0.0 <= rnd["flip_before"] <= 1.0
+    assert "undone" not in rnd
+    # a bar below any share undoes the round
+    guarded = purify(model, _config("cnc", **loose, cleaning_max_flip=-1.0), **kw)
+    cleaning = guarded.detection["teacher_cleaning"]
+    assert cleaning["rounds"][0]["undone"] == "flip" and cleaning["rounds_applied"] == 0
+    assert guarded.detection["finetune_selection"] == "best epoch"
+    plain = purify(model, _config("cnc", **loose, cleaning=False), **kw)
+    assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
+    page = render_report({"detection": guarded.detection})
+    assert "still reached the target" in page and "stamped trigger reaches the target" in page
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_compresses(method: str) -> None:
     model = _model()
