@@ -21,6 +21,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "decompose_linear",
         "exclude",
         "keep_dense_if_larger",
+        "mac_allocation",
         "mac_ratio",
         "min_layer_share",
         "rank_multiple",
@@ -99,6 +100,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
 #: ``cnc_core.job.advanced_knob_choices()``): a value outside them is refused at submission.
 KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "allocation": ("energy", "full", "keep_ratio", "threshold"),
+    "mac_allocation": ("tilted", "shared"),
     "scaling": ("clip", "literal", "none", "proportional"),
     "proxy": ("pgd", "universal", "trigger_inversion"),
     "inversion_use": ("suspected", "anomalous", "all"),

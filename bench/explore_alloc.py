@@ -5,12 +5,13 @@ after a short distillation.
     .venv/bin/python bench/explore_alloc.py --attack badnet --mode all2one --ratio 3 \\
         --variants keep_ratio/weight energy/response threshold/response --finetune-epochs 5
 
-A variant is ``ALLOCATION/SPECTRUM[/MIN_LAYER_SHARE[/MAC_RATIO]]``: an allocator of
-:mod:`cnc_core.allocation`, fed the layers' weight spectra ("weight", what ``compress``
+A variant is ``ALLOCATION/SPECTRUM[/MIN_LAYER_SHARE[/MAC_RATIO[/MAC_ALLOCATION]]]``: an
+allocator of :mod:`cnc_core.allocation`, fed the layers' weight spectra ("weight", what ``compress``
 uses alone) or their response spectra on the synthetic images ("response",
 :func:`cnc_core.purify.refit.activation_spectra`). Width-16 zoo models, Fashion-MNIST (not
 CIFAR-10); MAC_RATIO adds ``CompressConfig.mac_ratio`` (a MAC budget beside the parameter
-one); the synthetic images are the ``cnc`` preset's, from the shared cache. Real test
+one) and MAC_ALLOCATION how it is met (``tilted``, the default, or ``shared``); the
+synthetic images are the ``cnc`` preset's, from the shared cache. Real test
 images only score the result. Prints a markdown table and appends JSON lines to
 ``bench/results/explore-alloc.jsonl``.
 """
@@ -84,7 +85,11 @@ def main() -> None:
         share = float(parts[2]) if len(parts) > 2 else 0.0
         mac_ratio = float(parts[3]) if len(parts) > 3 else None
         cfg = CompressConfig(
-            ratio=args.ratio, allocation=allocation, min_layer_share=share, mac_ratio=mac_ratio
+            ratio=args.ratio,
+            allocation=allocation,
+            min_layer_share=share,
+            mac_ratio=mac_ratio,
+            mac_allocation=parts[4] if len(parts) > 4 else "tilted",
         )
         t0 = time.perf_counter()
         spectra = None
@@ -102,6 +107,7 @@ def main() -> None:
             "variant": variant,
             "params": cres.params_after,
             "macs": count_macs(student, (3, 32, 32)),
+            "mac_tilt": cres.mac_tilt,
             "acc_refit": accuracy(student, xs, ys, **MS),
             "agree_refit": agreement(student, model, images),
             "ranks": _ranks_summary(cres.decisions),

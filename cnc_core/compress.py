@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -39,6 +39,10 @@ STEM_MAX_IN_CHANNELS = 4
 
 class CompressionError(ValueError):
     """The requested compression cannot be done (e.g. the ratio cannot be met)."""
+
+
+#: ``CompressConfig.mac_allocation`` choices.
+MAC_ALLOCATIONS = ("tilted", "shared")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,12 @@ class CompressConfig:
     # preset's response allocation keeps those dense, 25.1M MACs at 3x parameters against
     # 12.5M for one keep ratio everywhere (original 35.0M; explore-purify.md 4m).
     mac_ratio: float | None = None
+    # How the MAC budget is met when it binds before the parameter one. "tilted": ranks
+    # move from layers that run at high resolution (many MACs per parameter) to those at low
+    # resolution, until the parameter budget is spent within the MAC budget (see
+    # ``compress``). "shared": one allocation setting for both budgets, the fewer ranks of
+    # the two (the parameter budget then goes partly unspent).
+    mac_allocation: str = "tilted"
     allocation: str = "keep_ratio"  # see cnc_core.allocation.ALLOCATORS
     scaling: str = "none"  # see cnc_core.scaling.SCALING_RULES
     t_scale: float = 1.0  # the rule's threshold T_scale
@@ -93,6 +103,11 @@ class CompressConfig:
                 )
             if self.allocation == "full":
                 raise CompressionError("mac_ratio needs a rank allocation, not 'full'")
+        if self.mac_allocation not in MAC_ALLOCATIONS:
+            raise CompressionError(
+                f"mac_allocation must be one of {', '.join(MAC_ALLOCATIONS)}, "
+                f"got {self.mac_allocation!r}"
+            )
         ALLOCATORS.get(self.allocation)
         SCALING_RULES.get(self.scaling)
         if self.t_scale <= 0:
@@ -175,6 +190,8 @@ class CompressResult:
     macs_before: int | None = None
     macs_after: int | None = None
     target_macs: int | None = None
+    # the MAC tilt the allocation used (0: none; ``CompressConfig.mac_allocation``)
+    mac_tilt: float = 0.0
 
     @property
     def achieved_ratio(self) -> float:
@@ -193,6 +210,7 @@ class CompressResult:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "target_macs": self.target_macs,
+            "mac_tilt": self.mac_tilt,
             "config": asdict(self.config),
             "spectra": self.spectra,
             "layers": {
@@ -244,6 +262,42 @@ class _Candidate:
                 r_in * r_out * k + r_out * c_out
             )
         return self.out_positions * c_out * c_in * k  # dense (groups == 1)
+
+
+def _mac_tilt(
+    total: Callable[[float, float], int],
+    total_macs: Callable[[float, float], int],
+    target: int | None,
+    mac_target: int,
+    config: CompressConfig,
+    theta: float,
+) -> tuple[float, float]:
+    """``(beta, theta)`` meeting both budgets once the MAC budget binds at ``theta``.
+
+    ``"tilted"``: the smallest tilt ``beta`` (bisection) at which the allocation that spends
+    the parameter budget, ``theta = max{t : total(t, beta) <= target}``, also fits
+    ``mac_target``. Where no tilt up to ``2 ** 6`` does (or with ``"shared"``, or no
+    parameter target), the plain allocation at the largest ``theta`` within both budgets.
+    """
+
+    def spend(beta: float) -> float:
+        assert target is not None
+        return bisect_theta(lambda t: total(t, beta), target, iterations=30)
+
+    if config.mac_allocation == "tilted" and target is not None:
+        hi = 1.0
+        while hi <= 64 and total_macs(spend(hi), hi) > mac_target:
+            hi *= 2
+        if hi <= 64:
+            lo = 0.0
+            for _ in range(16):
+                mid = (lo + hi) / 2
+                if total_macs(spend(mid), mid) <= mac_target:
+                    hi = mid
+                else:
+                    lo = mid
+            return hi, spend(hi)
+    return 0.0, min(theta, bisect_theta(lambda t: total_macs(t, 0.0), mac_target))
 
 
 def count_params(model: nn.Module) -> int:
@@ -378,11 +432,18 @@ def compress(
         c.name for c in candidates if c.module.weight.numel() < config.min_layer_share * largest
     }
 
-    def choose(c: _Candidate, theta: float) -> tuple[str, tuple[int, int], int]:
+    # MAC tilt: layer l allocates at theta ** (1 + beta * z_l), z_l = log2 of its output
+    # positions over the fewest any candidate has (0 without an input shape), so beta > 0
+    # takes ranks from high-resolution layers first; beta = 0 is the plain allocation
+    least = min((c.out_positions for c in candidates), default=1)
+    z = {c.name: math.log2(max(c.out_positions, 1) / max(least, 1)) for c in candidates}
+
+    def choose(c: _Candidate, theta: float, beta: float = 0.0) -> tuple[str, tuple[int, int], int]:
         full = c.factors.ranks if isinstance(c.factors, Tucker2Factors) else (c.factors.rank,) * 2
         if c.kind == "stem" or c.name in small:
             return "dense", full, _layer_params(c.module)
-        ranks = rule(spectra[c.name] if spectra and c.name in spectra else c.spectrum, theta)
+        theta_l = theta ** (1.0 + beta * z[c.name]) if beta > 0 else theta
+        ranks = rule(spectra[c.name] if spectra and c.name in spectra else c.spectrum, theta_l)
         if config.rank_multiple > 1:
             m = config.rank_multiple
             ranks = (
@@ -398,12 +459,13 @@ def compress(
             return "dense", full, dense
         return c.kind, ranks, factorised
 
-    def total(theta: float) -> int:
-        return fixed + sum(choose(c, theta)[2] for c in candidates)
+    def total(theta: float, beta: float = 0.0) -> int:
+        return fixed + sum(choose(c, theta, beta)[2] for c in candidates)
 
-    def total_macs(theta: float) -> int:
-        return fixed_macs + sum(c.macs(*choose(c, theta)[:2]) for c in candidates)
+    def total_macs(theta: float, beta: float = 0.0) -> int:
+        return fixed_macs + sum(c.macs(*choose(c, theta, beta)[:2]) for c in candidates)
 
+    beta = 0.0
     with plan.stage("allocate"):
         smallest = total(0.0)
         if target is None:
@@ -431,13 +493,14 @@ def compress(
                     f"dense by min_layer_share={config.min_layer_share:g}, need "
                     f"{kept:,}"
                 )
-            theta = min(theta, bisect_theta(total_macs, mac_target))
+            if total_macs(theta) > mac_target:
+                beta, theta = _mac_tilt(total, total_macs, target, mac_target, config, theta)
 
     compact = copy.deepcopy(model)
     decisions: list[LayerDecision] = []
     with plan.stage("build") as report:
         for i, c in enumerate(candidates):
-            kind, ranks, params_after = choose(c, theta)
+            kind, ranks, params_after = choose(c, theta, beta)
             decisions.append(_apply(compact, c, kind, ranks, params_after, config, small))
             report((i + 1) / max(len(candidates), 1))
     for name, module, reason in skipped:
@@ -466,6 +529,7 @@ def compress(
         macs_before=macs_before,
         macs_after=count_macs(compact, input_shape) if input_shape is not None else None,
         target_macs=mac_target,
+        mac_tilt=beta,
     )
 
 

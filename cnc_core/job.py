@@ -17,7 +17,13 @@ import torch
 
 from cnc_core import __version__
 from cnc_core.allocation import ALLOCATORS
-from cnc_core.compress import COMPRESS_KNOBS, CompressConfig, compress, split_compress_knobs
+from cnc_core.compress import (
+    COMPRESS_KNOBS,
+    MAC_ALLOCATIONS,
+    CompressConfig,
+    compress,
+    split_compress_knobs,
+)
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
 from cnc_core.metrics import measure_latency, model_stats
@@ -130,6 +136,7 @@ def advanced_knob_choices() -> dict[str, tuple[str, ...]]:
     """The string-valued ``advanced`` settings and the values each accepts."""
     return {
         "allocation": tuple(ALLOCATORS.names()),
+        "mac_allocation": MAC_ALLOCATIONS,
         "scaling": tuple(SCALING_RULES.names()),
         **_purify_fn().KNOB_CHOICES,
     }

@@ -256,6 +256,28 @@ def test_mac_budget_holds_beside_the_parameter_budget() -> None:
     assert both.summary()["macs_after"] == both.macs_after
 
 
+def test_tilted_mac_allocation_spends_the_parameter_budget_within_the_mac_budget() -> None:
+    """Where the MAC budget binds first, "shared" keeps fewer ranks everywhere and leaves
+    parameters unspent; "tilted" takes ranks from the high-resolution layers instead and
+    spends (nearly) the whole parameter budget, within the same MAC budget."""
+    model = _model("resnet18", width=8)
+    shape = (3, 32, 32)
+    budgets = dict(ratio=2, mac_ratio=2.5, allocation="threshold")
+    shared = compress(model, CompressConfig(**budgets, mac_allocation="shared"), input_shape=shape)
+    tilted = compress(model, CompressConfig(**budgets), input_shape=shape)
+    assert shared.mac_tilt == 0.0 and tilted.mac_tilt > 0
+    for res in (shared, tilted):
+        assert res.macs_after is not None and res.target_macs is not None
+        assert res.macs_after <= res.target_macs and res.achieved_ratio >= 2
+    assert tilted.target_params is not None
+    assert shared.params_after < 0.8 * tilted.target_params <= tilted.params_after
+    assert tilted.summary()["mac_tilt"] == tilted.mac_tilt
+    # without a MAC budget (or when it does not bind) nothing is tilted
+    assert compress(model, CompressConfig(ratio=2), input_shape=shape).mac_tilt == 0.0
+    with pytest.raises(CompressionError, match="mac_allocation"):
+        CompressConfig(mac_allocation="diagonal").validate()
+
+
 def test_mac_budget_errors_name_the_problem() -> None:
     model = _model("resnet18", width=8)
     with pytest.raises(CompressionError, match="input shape"):
