@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         t = yc == 0
         out["target_recall_before"] = accuracy(model, xc[t], yc[t], **ms)
         out["target_recall"] = accuracy(res.model, xc[t], yc[t], **ms)
+        # and how often clean images of other classes are called the target: the part of
+        # the ASR that no trigger causes (a student that avoids the target has a low one)
+        zeros = torch.zeros_like(yc[~t])
+        out["target_fp_before"] = accuracy(model, xc[~t], zeros, **ms)
+        out["target_fp"] = accuracy(res.model, xc[~t], zeros, **ms)
     if sets["poisoned"] is not None:
         xp, yp = sets["poisoned"][0][: args.eval_n], sets["poisoned"][1][: args.eval_n]
         out["asr_before"] = attack_success_rate(model, xp, yp, **ms)
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "asr",
             "target_recall_before",
             "target_recall",
+            "target_fp",
             "suspected_target",
             "anomaly_index",
             "suppressed",
