@@ -89,6 +89,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "synthesis_lr",
         "target_class_weight",
         "target_images",
+        "target_max_flip",
         "temperature",
         "tv_weight",
         "universal_eps",

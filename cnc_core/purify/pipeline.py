@@ -208,9 +208,12 @@ class PurifyConfig:
     # (the easiest way to make a backdoored model say "target"), so the cleaned teacher
     # relabels most of them (BadNet: 193 -> 80 images) and the student never sees a clean
     # example of the target class; the cleaned model, no longer moved by the trigger, has to
-    # draw the class's own features. 0 disables.
+    # draw the class's own features. Only where the cleaning took the stamped trigger's reach
+    # down to ``target_max_flip`` (the last held round's ``flip_after``): a cleaned model the
+    # trigger still moves draws it again. 0 disables.
     target_images: int = 0
     target_class_weight: float = 1.0
+    target_max_flip: float = 0.3
     recalibrate: bool = True  # recalibrate BN on synthetic images after compression
     refresh_every: int = 0  # re-invert / re-attack on the student every k epochs (0: never)
     # Input-agnostic proxies (inverted trigger, universal perturbation) are stamped on the
@@ -363,6 +366,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "drop_disputed": ("drop_disputed",),
     "target_images": ("target_images",),
     "target_class_weight": ("target_class_weight",),
+    "target_max_flip": ("target_max_flip",),
     "refresh_every": ("refresh_every",),
     "online_proxies": ("online_proxies",),
     "blend_proxy": ("blend_proxy",),
@@ -696,10 +700,12 @@ def purify(
             cleaning["rounds_applied"] == 0 and cleaning["rounds"][0].get("undone") == "agreement"
         )
         if config.target_images > 0:
+            held = [rnd for rnd in cleaning["rounds"] if not rnd.get("undone")]
             with plan.stage("target_synthesis"):
                 target_extra, detection["target_synthesis"] = _target_synthesis(
                     teacher,
-                    kd_teacher if cleaning["rounds_applied"] > 0 else None,
+                    kd_teacher if held else None,
+                    held[-1]["flip_after"] if held else None,
                     proxies.inversion.suspected_target,
                     synth_cfg,
                     config,
@@ -844,6 +850,7 @@ def disputed_images(original: nn.Module, cleaned: nn.Module, images: Tensor, tar
 def _target_synthesis(
     original: nn.Module,
     cleaned: nn.Module | None,
+    residual_flip: float | None,
     target: int,
     synth_cfg: SynthesisConfig,
     config: PurifyConfig,
@@ -854,12 +861,22 @@ def _target_synthesis(
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """``config.target_images`` images of class ``target`` synthesised from the ``cleaned``
     model (``PurifyConfig.target_images``), and a record of what both models call them.
-    None when no cleaning round held (``cleaned`` is None): the original model would draw the
-    trigger again."""
+
+    None when no cleaning round held (``cleaned`` is None: the original model would draw the
+    trigger again), or when the stamped trigger still reaches the target on more than
+    ``config.target_max_flip`` of the images after cleaning (``residual_flip``)."""
     n = config.target_images
+    skipped = None
     if cleaned is None:
+        skipped = "no cleaning round held"
+    elif residual_flip is not None and residual_flip > config.target_max_flip:
+        skipped = (
+            f"the stamped trigger still reaches the target on {100 * residual_flip:.1f}% of "
+            f"the images after cleaning (> {100 * config.target_max_flip:g}%)"
+        )
+    if cleaned is None or skipped is not None:
         progress("target_synthesis", 1.0)
-        return None, {"images": 0, "skipped": "no cleaning round held"}
+        return None, {"images": 0, "skipped": skipped}
     cfg = dataclasses.replace(
         synth_cfg,
         num_images=n,

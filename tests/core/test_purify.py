@@ -429,13 +429,15 @@ def test_drop_disputed_leaves_out_the_images_cleaning_moved_off_the_target() -> 
 
 def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model() -> None:
     """With ``target_images`` the cleaned teacher draws extra images of the suspected target
-    for fine-tuning (stage timed, record in the detection); with no cleaning round held
-    there is no cleaned model to draw from, and nothing is added."""
+    for fine-tuning (stage timed, record in the detection); with no cleaning round held, or
+    one after which the stamped trigger still reaches the target too often, nothing is
+    drawn."""
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)
     held = dict(loose, cleaning_min_agreement=0.0)
-    run = purify(model, _config("cnc", **held, target_images=8, target_class_weight=50.0), **kw)
+    draw = dict(target_images=8, target_class_weight=50.0, target_max_flip=1.0)
+    run = purify(model, _config("cnc", **held, **draw), **kw)
     record = run.detection["target_synthesis"]
     assert record["images"] == 8 and record["target"] == run.suspected_target
     assert 0.0 <= record["original_says_target"] <= 1.0
@@ -450,6 +452,9 @@ def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model
         "images": 0,
         "skipped": "no cleaning round held",
     }
+    still = purify(model, _config("cnc", **held, **dict(draw, target_max_flip=-1.0)), **kw)
+    assert still.detection["target_synthesis"]["images"] == 0
+    assert "still reaches the target" in still.detection["target_synthesis"]["skipped"]
     plain = purify(model, _config("cnc", **loose), **kw)
     assert "target_synthesis" not in plain.detection
 
