@@ -114,7 +114,13 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
     kept = purify(
         model,
-        _config("cnc", **loose, cleaning_min_agreement=0.0, cleaning_min_mask_growth=None),
+        _config(
+            "cnc",
+            **loose,
+            cleaning_min_agreement=0.0,
+            cleaning_min_mask_growth=None,
+            cleaning_max_flip=None,
+        ),
         **kw,
     )
     assert kept.detection["teacher_cleaning"]["rounds_applied"] == 1
@@ -129,7 +135,13 @@ def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5, cleaning_min_agreement=0)
+    loose = dict(
+        detect=False,
+        cleaning_u=0.5,
+        cleaning_max_fraction=0.5,
+        cleaning_min_agreement=0,
+        cleaning_max_flip=None,
+    )
     guarded = purify(model, _config("cnc", **loose, cleaning_min_mask_growth=1e9), **kw)
     cleaning = guarded.detection["teacher_cleaning"]
     rnd = cleaning["rounds"][0]
@@ -435,7 +447,7 @@ def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)
-    held = dict(loose, cleaning_min_agreement=0.0)
+    held = dict(loose, cleaning_min_agreement=0.0, cleaning_max_flip=None)
     draw = dict(target_images=8, target_class_weight=50.0, target_max_flip=1.0)
     run = purify(model, _config("cnc", **held, **draw), **kw)
     record = run.detection["target_synthesis"]
@@ -455,7 +467,7 @@ def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model
     still = purify(model, _config("cnc", **held, **dict(draw, target_max_flip=-1.0)), **kw)
     assert still.detection["target_synthesis"]["images"] == 0
     assert "still reaches the target" in still.detection["target_synthesis"]["skipped"]
-    plain = purify(model, _config("cnc", **loose), **kw)
+    plain = purify(model, _config("cnc", **loose, target_images=0), **kw)
     assert "target_synthesis" not in plain.detection
 
 
