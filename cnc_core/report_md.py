@@ -163,6 +163,17 @@ def _detection(report: dict[str, Any]) -> list[str]:
             f"Class mapping: {mapping} (onto {perm.get('targets', '?')} classes).",
             "",
         ]
+    drawn = det.get("target_synthesis")
+    if drawn and drawn.get("skipped"):
+        lines += [f"Target-class images: none drawn; {drawn['skipped']}.", ""]
+    elif drawn:
+        lines += [
+            f"Target-class images: {drawn['images']} images of class {drawn['target']} drawn "
+            "from the cleaned model joined fine-tuning; it calls "
+            f"{_pct(drawn['cleaned_says_target'])} of them the target, the original "
+            f"{_pct(drawn['original_says_target'])}.",
+            "",
+        ]
     if "finetune_selection" in det:
         lines += [f"Fine-tuning kept the {det['finetune_selection']}.", ""]
     if "sensitivity_suppressed" in det:

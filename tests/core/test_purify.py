@@ -464,9 +464,12 @@ def test_target_synthesis_adds_images_of_the_target_drawn_from_the_cleaned_model
         "images": 0,
         "skipped": "no cleaning round held",
     }
+    assert "Target-class images: 8 images of class" in render_report({"detection": run.detection})
     still = purify(model, _config("cnc", **held, **dict(draw, target_max_flip=-1.0)), **kw)
     assert still.detection["target_synthesis"]["images"] == 0
     assert "still reaches the target" in still.detection["target_synthesis"]["skipped"]
+    page = render_report({"detection": still.detection})
+    assert "Target-class images: none drawn; the stamped trigger still reaches" in page
     plain = purify(model, _config("cnc", **loose, target_images=0), **kw)
     assert "target_synthesis" not in plain.detection
 
