@@ -9,7 +9,10 @@
     respond to the inverted trigger far more than to clean synthetic images are zeroed,
     re-inverting between rounds (the synthetic images carry trigger features from the BN
     statistics, so distilling the uncleaned model re-teaches the backdoor), undone when the
-    cleaned model no longer agrees with the original on most synthetic images; Tucker-2
+    cleaned model no longer agrees with the original on most synthetic images, or when the
+    inverted trigger still reaches the target through the cleaned model; where the cleaning
+    cut that reach, extra images of the target class drawn from the cleaned model (the
+    original's own images of the target carry the trigger); Tucker-2
     compression of the cleaned model, its factors refit to the cleaned model's responses on
     the synthetic images (:mod:`.refit`); suppression of the rank components that respond to
     the inverted trigger (rank-level sensitivity); BN recalibration on the synthetic images;
@@ -156,11 +159,13 @@ class PurifyConfig:
     # what removes the backdoor: undone, 3x ASR 1.76% -> 54.07%. The mask cannot tell the
     # two apart, so the preset leaves it off. None disables.
     cleaning_min_mask_growth: float | None = None
-    # Optional third guard (off): a cleaning round is undone (and cleaning stops) when the
-    # cleaned model still sends more than this share of the round's trigger-stamped images
-    # (those whose clean source the original does not assign to the target) to the target:
-    # the pruning did not take the trigger's path, only some clean function. Every round
-    # records both shares (``flip_before``, ``flip_after``). None disables.
+    # Third guard (the cnc preset sets 0.65): a cleaning round is undone (and cleaning stops)
+    # when the cleaned model still sends more than this share of the round's trigger-stamped
+    # images (those whose clean source the original does not assign to the target) to the
+    # target: the pruning did not take the trigger's path, only some clean function. Every
+    # round records both shares (``flip_before``, ``flip_after``). Measured (section 4o):
+    # BadNet 0.99 -> 0.08, InputAware 0.95 -> 0.56 (both cleanings remove the backdoor),
+    # Blended 0.92 -> 0.75 (the cleaned teacher's ASR stays 99.95%). None disables.
     cleaning_max_flip: float | None = None
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
