@@ -858,8 +858,7 @@ def purify(
 def disputed_images(original: nn.Module, cleaned: nn.Module, images: Tensor, target: int) -> Tensor:
     """Boolean mask of the ``images`` that ``original`` assigns to ``target`` and ``cleaned``
     does not (``PurifyConfig.drop_disputed``)."""
-    with torch.no_grad():
-        return (predict(original, images) == target) & (predict(cleaned, images) != target)
+    return (predict(original, images) == target) & (predict(cleaned, images) != target)
 
 
 def _target_synthesis(
@@ -910,9 +909,8 @@ def _target_synthesis(
         stage="target_synthesis",
         classes=classes,
     )
-    with torch.no_grad():
-        by_cleaned = float((predict(cleaned, images) == target).float().mean())
-        by_original = float((predict(original, images) == target).float().mean())
+    by_cleaned = float((predict(cleaned, images) == target).float().mean())
+    by_original = float((predict(original, images) == target).float().mean())
     record = {
         "images": n,
         "target": target,
@@ -953,14 +951,12 @@ def _clean_teacher(
     mask_norm = inv.mask_norms[target]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
     images = proxy_images
-    with torch.no_grad():
-        off_target = predict(teacher, clean) != target  # sources a flip can be counted on
+    off_target = predict(teacher, clean) != target  # sources a flip can be counted on
 
     def flip(net: nn.Module, stamped: Tensor) -> float:
         if not bool(off_target.any()):
             return 0.0
-        with torch.no_grad():
-            return float((predict(net, stamped[off_target]) == target).float().mean())
+        return float((predict(net, stamped[off_target]) == target).float().mean())
 
     rounds: list[dict[str, Any]] = []
     n = max(config.cleaning_rounds, 1)
@@ -976,30 +972,28 @@ def _clean_teacher(
             "flip_after": flip(cleaned, images),
         }
         rounds.append(rec)
+        undone = None
         if kept < config.cleaning_min_agreement:
+            undone = "agreement"
+        elif config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
+            undone = "flip"
+        else:
+            # re-invert on the cleaned model: the next round's proxies, and the residual signal
+            gen = torch.Generator(device="cpu").manual_seed(config.seed + 500 + r)
+            new = trigger_inversion(
+                cleaned, clean, inv_cfg, mean=mean, std=std, num_classes=num_classes, generator=gen
+            )
+            rec["target_mask_norm"] = new.mask_norms[0]
+            rec["target_success"] = new.success[0]
+            rec["mask_growth"] = new.mask_norms[0] / max(mask_norm, 1e-12)
+            if (
+                config.cleaning_min_mask_growth is not None
+                and rec["mask_growth"] < config.cleaning_min_mask_growth
+            ):
+                undone = "mask_growth"
+        if undone is not None:
             cleaned.load_state_dict(before)
-            rec["undone"] = "agreement"
-            progress("cleaning", 1.0)
-            break
-        if config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
-            cleaned.load_state_dict(before)
-            rec["undone"] = "flip"
-            progress("cleaning", 1.0)
-            break
-        # re-invert on the cleaned model: the next round's proxies, and the residual signal
-        gen = torch.Generator(device="cpu").manual_seed(config.seed + 500 + r)
-        new = trigger_inversion(
-            cleaned, clean, inv_cfg, mean=mean, std=std, num_classes=num_classes, generator=gen
-        )
-        rec["target_mask_norm"] = new.mask_norms[0]
-        rec["target_success"] = new.success[0]
-        rec["mask_growth"] = new.mask_norms[0] / max(mask_norm, 1e-12)
-        if (
-            config.cleaning_min_mask_growth is not None
-            and rec["mask_growth"] < config.cleaning_min_mask_growth
-        ):
-            cleaned.load_state_dict(before)
-            rec["undone"] = "mask_growth"
+            rec["undone"] = undone
             progress("cleaning", 1.0)
             break
         mask_norm = new.mask_norms[0]
