@@ -29,6 +29,11 @@ from bench.explore_purify import LOG  # noqa: E402
 from bench.synth_cache import cached_synthetic, model_key, synth_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize  # noqa: E402
+from cnc_core.purify.dynamic import (  # noqa: E402
+    DynamicInversionConfig,
+    dynamic_inversion,
+    stamp_dynamic,
+)
 from cnc_core.purify.permutation import (  # noqa: E402
     PermutationInversionConfig,
     permutation_inversion,
@@ -52,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="invert a trigger generator (cnc_core.purify.dynamic) instead of one pattern",
+    )
+    p.add_argument("--spread-weight", type=float, default=4.0, help="dynamic: H(y') weight")
+    p.add_argument("--free-mask", action="store_true", help="dynamic: add a free mask map")
+    p.add_argument("--lr", type=float, default=None, help="optimiser lr (default: the config's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _ = load_zoo_model(args.attack, args.mode, 16)
@@ -60,37 +73,63 @@ def main(argv: list[str] | None = None) -> int:
         num_images=args.num_images, batch_size=128, iterations=args.iterations, seed=args.seed
     )
     synth, _ = cached_synthetic(model, s, key, **MS)
-    cfg = PermutationInversionConfig(
-        steps=args.steps,
-        l1_weight=args.l1,
-        mi_weight=args.mi_weight,
-        restarts=args.restarts,
-        images_per_class=args.ipc,
-    )
-    t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
-    inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
+    cfg: PermutationInversionConfig | DynamicInversionConfig
+    t0 = time.perf_counter()
+    if args.dynamic:
+        cfg = DynamicInversionConfig(
+            steps=args.steps,
+            l1_weight=args.l1,
+            mi_weight=args.mi_weight,
+            images_per_class=args.ipc,
+            free_mask=args.free_mask,
+            spread_weight=args.spread_weight,
+            **({"lr": args.lr} if args.lr is not None else {}),
+        )
+        dyn = dynamic_inversion(model, synth, cfg, generator=gen, **MS)
+        found = dyn
+        mask_sum = torch.zeros(())
+    else:
+        cfg = PermutationInversionConfig(
+            steps=args.steps,
+            l1_weight=args.l1,
+            mi_weight=args.mi_weight,
+            restarts=args.restarts,
+            images_per_class=args.ipc,
+            **({"lr": args.lr} if args.lr is not None else {}),
+        )
+        inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
+        found = inv  # type: ignore[assignment]
     seconds = time.perf_counter() - t0
     # evaluation only: the inverted trigger on real test images
     xc, yc = eval_sets(args.attack, args.mode)["clean"]  # type: ignore[misc]
     xc, yc = xc[:2000], yc[:2000]
     x = normalize(xc, *MS.values())
     before = predict(model, x)
-    after = predict(model, apply_trigger(x, inv.mask, inv.pattern, **MS))
+    if args.dynamic:
+        with torch.no_grad():
+            after = predict(model, stamp_dynamic(x, dyn.generator, **MS))
+    else:
+        after = predict(model, apply_trigger(x, inv.mask, inv.pattern, **MS))
+        mask_sum = inv.mask.sum()
     ok = before == yc
-    corner = float(inv.mask[:, -4:, -4:].sum() / inv.mask.sum().clamp_min(1e-12))
+    corner = (
+        0.0
+        if args.dynamic
+        else float(inv.mask[:, -4:, -4:].sum() / mask_sum.clamp_min(1e-12))
+    )
     out = {
-        "kind": "permutation-inversion",
+        "kind": "dynamic-inversion" if args.dynamic else "permutation-inversion",
         "attack": key,
         "synth": synth_key(s),
         "config": cfg.__dict__,
         "seconds": round(seconds, 1),
-        "mask_norm": round(inv.mask_norm, 1),
+        "mask_norm": round(found.mask_norm, 1),
         "synthetic": {
-            "flip_rate": round(inv.flip_rate, 3),
-            "mutual_information": round(inv.mutual_information, 3),
-            "top_share": round(inv.top_share, 3),
-            "mapping": inv.mapping,
+            "flip_rate": round(found.flip_rate, 3),
+            "mutual_information": round(found.mutual_information, 3),
+            "top_share": round(found.top_share, 3),
+            "mapping": found.mapping,
         },
         "real": {
             "to_y_plus_1": round(float((after[ok] == (yc[ok] + 1) % 10).float().mean()), 3),

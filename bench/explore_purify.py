@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             out[name] = det[name]
     if "permutation_inversion" in det:
         out["permutation"] = det["permutation_inversion"]
+    if "dynamic_inversion" in det:
+        out["dynamic"] = det["dynamic_inversion"]
     if res.finetune is not None:
         out["best_epoch"] = res.finetune.best_epoch
         out["history"] = [{k: round(v, 3) for k, v in h.items()} for h in res.finetune.history]

@@ -163,6 +163,27 @@ def _detection(report: dict[str, Any]) -> list[str]:
             f"Class mapping: {mapping} (onto {perm.get('targets', '?')} classes).",
             "",
         ]
+    dyn = det.get("dynamic_inversion")
+    if dyn and dyn.get("skipped"):
+        lines += [
+            f"Dynamic trigger (the input-aware all-to-all proxy): not searched; {dyn['skipped']}.",
+            "",
+        ]
+    elif dyn:
+        verdict = (
+            "stamped beside the inverted trigger in unlearning"
+            if dyn["used"]
+            else "not used (it moved too few images, or onto a few natural classes)"
+        )
+        mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(dyn["mapping"]) if t >= 0)
+        lines += [
+            "Dynamic trigger (the input-aware all-to-all proxy): a generator of one mask + "
+            "pattern per image that moves each class to another; mean mask L1 "
+            f"{dyn['mask_norm']:.1f}, it moved {_pct(dyn['flip_rate'])} of the synthetic "
+            f"images, at most {_pct(dyn['top_share'])} of them to one class; {verdict}. "
+            f"Class mapping: {mapping} (onto {dyn.get('targets', '?')} classes).",
+            "",
+        ]
     drawn = det.get("target_synthesis")
     if drawn and drawn.get("skipped"):
         lines += [f"Target-class images: none drawn; {drawn['skipped']}.", ""]

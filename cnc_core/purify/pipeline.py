@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
+from cnc_core.purify.dynamic import DynamicInversionConfig, dynamic_inversion, dynamic_stamp
 from cnc_core.purify.finetune import (
     BN_MODES,
     OPTIMIZERS,
@@ -123,6 +124,7 @@ METHOD_COMPRESS_DEFAULTS: dict[str, dict[str, Any]] = {
 #: 10% of a layer's channels, plain conv channels included.
 BLEND_PROXIES = ("none", "mean_diff", "noise", "both")  # PurifyConfig.blend_proxy
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
+DYNAMIC = DynamicInversionConfig()
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,18 @@ class PurifyConfig:
     # was gated out on both); every all-to-all model 0.76-2.11 (explore-purify.md 4m).
     # Saves the stage (58 s at 2 threads on a 2-core EPYC) where it cannot be used.
     permutation_max_anomaly: float | None = 2.5
+    # Dynamic permutation trigger (:mod:`.dynamic`): where the one-pattern search above found
+    # no permutation (searched and gated out), a small conv generator of per-image triggers
+    # is inverted with the same objective plus a spread term, and stamped beside the inverted
+    # triggers when it moves at least ``dynamic_min_flip`` of the synthetic images and maps
+    # onto at least ``dynamic_min_targets`` of the classes. For input-aware all-to-all
+    # backdoors, whose trigger differs per image. The gate is stricter than the one-pattern
+    # search's because a generator also finds natural per-image perturbations (512-image
+    # probe, explore-purify.md 4p: InputAware all-to-all moved 0.79 onto all 10 classes, the
+    # y + 1 mapping; a clean model 0.49 onto 6, Blended all-to-one 0.36 onto 6). None disables.
+    dynamic: DynamicInversionConfig | None = None
+    dynamic_min_flip: float = 0.6
+    dynamic_min_targets: float = 0.8
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -405,6 +419,12 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "permutation_max_anomaly": ("permutation_max_anomaly",),
+    "dynamic": ("dynamic",),  # False/None disables
+    "dynamic_steps": ("dynamic", "steps"),
+    "dynamic_l1": ("dynamic", "l1_weight"),
+    "dynamic_spread": ("dynamic", "spread_weight"),
+    "dynamic_min_flip": ("dynamic_min_flip",),
+    "dynamic_min_targets": ("dynamic_min_targets",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -430,6 +450,7 @@ def _optional_defaults() -> dict[str, Any]:
         "teacher_cleaning": CLEANING,
         "refit": RefitConfig(),
         "permutation": PermutationInversionConfig(),
+        "dynamic": DYNAMIC,
     }
 
 
@@ -499,6 +520,9 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     if config.permutation is not None and config.proxy.kind == "trigger_inversion":
         pm = config.permutation
         stages.append(("permutation", pm.steps * pm.restarts * pm.images_per_class * 10 / 1000))
+    if config.dynamic is not None and config.proxy.kind == "trigger_inversion":
+        dy = config.dynamic
+        stages.append(("dynamic", dy.steps * dy.images_per_class * 10 / 1000))
     if config.teacher_cleaning is not None:
         inv = config.proxy.inversion
         stages.append(
@@ -680,21 +704,39 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
-    if config.permutation is not None and proxies.inversion is not None:
+    searches = config.permutation is not None or config.dynamic is not None
+    if searches and proxies.inversion is not None:
+        # the all-to-all searches, skipped where Neural Cleanse names an all-to-one target
         anomaly = proxies.inversion.anomaly_index
         limit = config.permutation_max_anomaly
-        with plan.stage("permutation"):
-            if limit is not None and anomaly >= limit:
-                detection["permutation_inversion"] = {
-                    "used": False,
-                    "skipped": f"Neural Cleanse named class {proxies.inversion.suspected_target}"
-                    f" with anomaly index {anomaly:.2f} >= {limit:g} (an all-to-one target)",
-                }
-            else:
-                proxies = _add_permutation_trigger(
-                    teacher, clean, proxies, config, mean, std, plan.nested("permutation")
-                )
-                detection["permutation_inversion"] = proxies.permutation_record
+        skipped = (
+            f"Neural Cleanse named class {proxies.inversion.suspected_target}"
+            f" with anomaly index {anomaly:.2f} >= {limit:g} (an all-to-one target)"
+            if limit is not None and anomaly >= limit
+            else None
+        )
+        if config.permutation is not None:
+            with plan.stage("permutation"):
+                if skipped is None:
+                    proxies = _add_permutation_trigger(
+                        teacher, clean, proxies, config, mean, std, plan.nested("permutation")
+                    )
+            detection["permutation_inversion"] = proxies.permutation_record or {
+                "used": False,
+                "skipped": skipped,
+            }
+        if config.dynamic is not None:
+            if skipped is None and (proxies.permutation_record or {}).get("used"):
+                skipped = "the one-pattern permutation trigger was found and is used"
+            with plan.stage("dynamic"):
+                if skipped is None:
+                    proxies = _add_dynamic_trigger(
+                        teacher, clean, proxies, config, mean, std, plan.nested("dynamic")
+                    )
+            detection["dynamic_inversion"] = proxies.dynamic_record or {
+                "used": False,
+                "skipped": skipped,
+            }
 
     kd_teacher = teacher
     trigger_untrusted = False
@@ -1051,6 +1093,47 @@ def _add_permutation_trigger(
     return out
 
 
+def _add_dynamic_trigger(
+    teacher: nn.Module,
+    clean: Tensor,
+    proxies: ProxySet,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    progress: ProgressFn,
+) -> ProxySet:
+    """Invert a trigger generator on ``teacher`` and add it past its gate
+    (``dynamic_min_flip``, ``dynamic_min_targets``); ``dynamic_record`` says what was
+    found. The proxy images are re-stamped as :func:`_add_permutation_trigger` does."""
+    assert config.dynamic is not None and proxies.inversion is not None
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 950)
+    dyn = dynamic_inversion(
+        teacher, clean, config.dynamic, mean=mean, std=std, generator=gen, progress=progress
+    )
+    targets = len({t for t in dyn.mapping if t >= 0})
+    used = (
+        dyn.flip_rate >= config.dynamic_min_flip
+        and targets >= config.dynamic_min_targets * len(dyn.mapping)
+    )
+    record: dict[str, Any] = {
+        "mask_norm": dyn.mask_norm,
+        "flip_rate": dyn.flip_rate,
+        "mutual_information": dyn.mutual_information,
+        "top_share": dyn.top_share,
+        "mapping": dyn.mapping,
+        "targets": targets,
+        "used": used,
+    }
+    out = dataclasses.replace(proxies, dynamic_record=record)
+    if not used:
+        return out
+    out.dynamic_generator = dyn.generator
+    stamp = _stamp_of(config, out, mean, std)
+    assert stamp is not None  # the proxies carry an inversion
+    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 951))
+    return out
+
+
 def _stamp_of(
     config: PurifyConfig,
     proxies: ProxySet,
@@ -1060,10 +1143,23 @@ def _stamp_of(
     """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
     if proxies.inversion is not None:
         masks, patterns = _stamped_triggers(config, proxies)
-        return trigger_stamp(masks, patterns, mean=mean, std=std)
+        return _with_dynamic(trigger_stamp(masks, patterns, mean=mean, std=std), proxies, mean, std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
+
+
+def _with_dynamic(
+    triggers: StampFn,
+    proxies: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> StampFn:
+    """``triggers``, or, where the proxies carry a dynamic trigger generator, each image
+    stamped by one of the two at random."""
+    if proxies.dynamic_generator is None:
+        return triggers
+    return mixed_stamp([triggers, dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std)])
 
 
 def _stamped_triggers(config: PurifyConfig, proxies: ProxySet) -> tuple[Tensor, Tensor]:
@@ -1144,7 +1240,8 @@ def _stamp_refresher(
         masks.append(inv.masks)
         patterns.append(inv.patterns)
         triggers = trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
-        return mixed_stamp([triggers, blend]) if blend is not None else triggers
+        stamp = _with_dynamic(triggers, first, mean, std)
+        return mixed_stamp([stamp, blend]) if blend is not None else stamp
 
     return refresh
 

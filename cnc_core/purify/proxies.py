@@ -151,6 +151,9 @@ class ProxySet:
     # e.g. the permutation trigger of :mod:`.permutation`, and what found them
     extra_triggers: tuple[Tensor, Tensor] | None = None
     permutation_record: dict[str, Any] | None = None
+    # An input-dependent trigger generator (:mod:`.dynamic`) stamped beside them, and its record
+    dynamic_generator: nn.Module | None = None
+    dynamic_record: dict[str, Any] | None = None
 
 
 def _reporter(progress: ProgressFn | None, stage: str) -> Callable[[float], None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +18,10 @@ from tests.core.test_proxies import NUM_CLASSES, _stats, make_task, poisoned_tin
 from tests.core.test_synthesis import MEAN, STD
 
 
+@functools.cache
 def all2all_tiny(poison: bool = True) -> nn.Module:
-    """20% of samples stamped and relabelled ``y + 1`` (all-to-all), or none."""
+    """20% of samples stamped and relabelled ``y + 1`` (all-to-all), or none. Trained once per
+    session (``test_dynamic`` reuses them); the inversions leave them unchanged."""
     relabel = lambda y: (y + 1) % NUM_CLASSES  # noqa: E731
     return poisoned_tiny(relabel, share=0.2 if poison else 0.0, steps=800)
 

@@ -337,6 +337,41 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     assert "not searched" in render_report({"detection": skip.detection})
 
 
+def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
+    """The dynamic trigger search runs in its own timed stage where no all-to-one target was
+    named and no one-pattern permutation trigger is used; past the gate it changes the
+    training, below it nothing, and the report says which."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    assert PurifyConfig.for_method("cnc-paper").dynamic is None
+    small = dict(detect=False, permutation=False, permutation_max_anomaly=None)
+    plain = purify(model, _config("cnc", **small), **kw)
+    small["dynamic_steps"] = 3  # (a setting of an absent section switches it on)
+    assert "dynamic" not in plain.timings and "dynamic_inversion" not in plain.detection
+    off = purify(model, _config("cnc", dynamic=True, dynamic_min_flip=1.01, **small), **kw)
+    gate = dict(dynamic_min_flip=0.0, dynamic_min_targets=0.0)
+    on = purify(model, _config("cnc", dynamic=True, **gate, **small), **kw)
+    rec = on.detection["dynamic_inversion"]
+    assert "dynamic" in on.timings and rec["used"] is True
+    assert off.detection["dynamic_inversion"]["used"] is False
+    assert 0 <= rec["flip_rate"] <= 1 and len(rec["mapping"]) == 4 and rec["mask_norm"] > 0
+    assert torch.allclose(off.model(x), plain.model(x), atol=1e-6)
+    assert not torch.allclose(on.model(x), plain.model(x), atol=1e-6)
+    assert "stamped beside the inverted trigger" in render_report({"detection": on.detection})
+    assert "not used" in render_report({"detection": off.detection})
+    # the one-pattern trigger used: no dynamic search
+    both = dict(small, permutation=True, permutation_restarts=2, dynamic=True)
+    gate.update(permutation_min_flip=0.0, permutation_min_targets=0.0)
+    used = purify(model, _config("cnc", **gate, **both), **kw)
+    assert used.detection["permutation_inversion"]["used"] is True
+    assert "found and is used" in used.detection["dynamic_inversion"]["skipped"]
+    # a clear all-to-one target: neither search
+    skip = purify(model, _config("cnc", **dict(both, permutation_max_anomaly=0.0)), **kw)
+    assert "anomaly index" in skip.detection["dynamic_inversion"]["skipped"]
+    assert "not searched" in render_report({"detection": skip.detection})
+
+
 def test_report_says_what_the_permutation_trigger_did() -> None:
     """The human-readable report names the permutation trigger's effect and whether it was
     used, from the detection record purify writes."""
