@@ -330,6 +330,9 @@ class PurifyConfig:
             # 3x 74.90 / 72.25 -> 79.95 / 15.75; gated out on the all-to-one and Blended
             # all-to-all models measured (section 4l)
             permutation=PermutationInversionConfig(),
+            # ... and where it finds none, a generator of per-image triggers, stamped past
+            # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
+            dynamic=DYNAMIC,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -1111,9 +1114,8 @@ def _add_dynamic_trigger(
         teacher, clean, config.dynamic, mean=mean, std=std, generator=gen, progress=progress
     )
     targets = len({t for t in dyn.mapping if t >= 0})
-    used = (
-        dyn.flip_rate >= config.dynamic_min_flip
-        and targets >= config.dynamic_min_targets * len(dyn.mapping)
+    used = dyn.flip_rate >= config.dynamic_min_flip and targets >= config.dynamic_min_targets * len(
+        dyn.mapping
     )
     record: dict[str, Any] = {
         "mask_norm": dyn.mask_norm,

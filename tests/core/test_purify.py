@@ -28,6 +28,7 @@ SMALL = dict(
     inversion_steps=3,
     pgd_steps=2,
     permutation_steps=3,
+    dynamic_steps=3,
 )
 
 
@@ -344,10 +345,10 @@ def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    assert PurifyConfig.for_method("cnc").dynamic is not None
     assert PurifyConfig.for_method("cnc-paper").dynamic is None
     small = dict(detect=False, permutation=False, permutation_max_anomaly=None)
-    plain = purify(model, _config("cnc", **small), **kw)
-    small["dynamic_steps"] = 3  # (a setting of an absent section switches it on)
+    plain = purify(model, _config("cnc", dynamic=False, **small), **kw)
     assert "dynamic" not in plain.timings and "dynamic_inversion" not in plain.detection
     off = purify(model, _config("cnc", dynamic=True, dynamic_min_flip=1.01, **small), **kw)
     gate = dict(dynamic_min_flip=0.0, dynamic_min_targets=0.0)
