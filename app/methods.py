@@ -84,6 +84,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "dynamic_spread",
         "dynamic_min_flip",
         "dynamic_min_targets",
+        "dynamic_beside_permutation",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",
