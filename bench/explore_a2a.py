@@ -63,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         help="invert a trigger generator (cnc_core.purify.dynamic) instead of one pattern",
     )
     p.add_argument("--spread-weight", type=float, default=4.0, help="dynamic: H(y') weight")
-    p.add_argument("--pattern-spread", type=float, default=0.0, help="one-pattern: H(y') weight")
-    p.add_argument("--blend", action="store_true", help="one-pattern: one opacity, a blend")
     p.add_argument("--free-mask", action="store_true", help="dynamic: add a free mask map")
     p.add_argument("--lr", type=float, default=None, help="optimiser lr (default: the config's)")
     args = p.parse_args(argv)
@@ -98,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
             mi_weight=args.mi_weight,
             restarts=args.restarts,
             images_per_class=args.ipc,
-            spread_weight=args.pattern_spread,
-            blend=args.blend,
             **({"lr": args.lr} if args.lr is not None else {}),
         )
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)

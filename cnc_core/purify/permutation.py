@@ -55,12 +55,6 @@ class PermutationInversionConfig:
     mi_weight: float = 1.0
     images_per_class: int = 12  # per step, drawn by the model's clean prediction
     restarts: int = 2  # independent (mask, pattern) pairs optimised together; the best is kept
-    # weight on the spread of where the images go, H(y') over the images' non-source classes
-    # (as in :mod:`.dynamic`; 0 = the objective above)
-    spread_weight: float = 0.0
-    # one opacity for the whole image instead of a per-pixel mask: a blend trigger
-    # ``x' = (1 - a) x + a p``, whose L1 is ``a`` times the pixel count
-    blend: bool = False
 
 
 @dataclass
@@ -131,8 +125,7 @@ def permutation_inversion(
     clean = predict(model, images)
     num_classes = _num_outputs(model, images)
     r = config.restarts
-    mask_shape = (r, 1, 1, 1) if config.blend else (r, 1, h, w)
-    mask_raw = torch.full(mask_shape, -2.0, device=device, requires_grad=True)
+    mask_raw = torch.full((r, 1, h, w), -2.0, device=device, requires_grad=True)
     pattern_raw = ((torch.rand(r, c, h, w, generator=gen) * 4 - 2).to(device)).requires_grad_(True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=(0.5, 0.9))
     report = _reporter(progress, stage)
@@ -156,13 +149,8 @@ def permutation_inversion(
         present = counts > 0
         conditional = (_entropy(per_class) * present).sum(1) / present.sum()
         mi = marginal - conditional
-        l1 = mask.expand(r, 1, h, w).reshape(r, -1).sum(1)
-        loss = leave - config.mi_weight * mi + config.l1_weight * l1
-        if config.spread_weight > 0:
-            away = q * (1 - onehot)[None]
-            away = away / away.sum(2, keepdim=True).clamp_min(1e-12)
-            loss = loss - config.spread_weight * _entropy(away.mean(1))
-        return loss
+        l1 = mask.reshape(r, -1).sum(1)
+        return leave - config.mi_weight * mi + config.l1_weight * l1
 
     with _Frozen(model):
         for step in range(config.steps):
@@ -175,7 +163,7 @@ def permutation_inversion(
         with torch.no_grad():
             idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
             best = int(objective(idx).argmin())
-            mask = torch.sigmoid(mask_raw[best]).detach().expand(1, h, w).clone()
+            mask = torch.sigmoid(mask_raw[best]).detach()
             pattern = torch.sigmoid(pattern_raw[best]).detach()
             stamped = predict(model, apply_trigger(images, mask, pattern, mean=mean, std=std))
     flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
