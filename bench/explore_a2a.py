@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         help="invert a trigger generator (cnc_core.purify.dynamic) instead of one pattern",
     )
     p.add_argument("--spread-weight", type=float, default=4.0, help="dynamic: H(y') weight")
-    p.add_argument("--free-mask", action="store_true", help="dynamic: add a free mask map")
     p.add_argument("--lr", type=float, default=None, help="optimiser lr (default: the config's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             l1_weight=args.l1,
             mi_weight=args.mi_weight,
             images_per_class=args.ipc,
-            free_mask=args.free_mask,
             spread_weight=args.spread_weight,
             **({"lr": args.lr} if args.lr is not None else {}),
         )
@@ -113,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         after = predict(model, apply_trigger(x, inv.mask, inv.pattern, **MS))
         mask_sum = inv.mask.sum()
     ok = before == yc
-    corner = (
-        0.0
-        if args.dynamic
-        else float(inv.mask[:, -4:, -4:].sum() / mask_sum.clamp_min(1e-12))
-    )
+    corner = 0.0 if args.dynamic else float(inv.mask[:, -4:, -4:].sum() / mask_sum.clamp_min(1e-12))
     out = {
         "kind": "dynamic-inversion" if args.dynamic else "permutation-inversion",
         "attack": key,

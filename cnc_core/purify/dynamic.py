@@ -7,14 +7,18 @@ another image does nothing (the attack trains on such "cross" samples). So we in
 *generator* instead of a pattern, as BTI-DBF does for dynamic triggers (Xu et al., "Towards
 Reliable and Efficient Backdoor Trigger Inversion via Decoupling Benign Features", ICLR 2024):
 a three-layer conv net ``g(x) -> (m(x), p(x))`` trained on synthetic images with the
-permutation objective of :mod:`.permutation`,
+permutation objective of :mod:`.permutation` and a spread term,
 
-    loss = mean_i -log(1 - q_i[y_i]) - mi_weight * I(y; y') + l1_weight * mean_i |m(x_i)|_1,
+    loss = mean_i -log(1 - q_i[y_i]) - mi_weight * I(y; y') - spread_weight * H(y')
+           + l1_weight * mean_i |m(x_i)|_1,
 
-``q_i = softmax(f((1 - m(x_i)) x_i + m(x_i) p(x_i)))``. The conv net's small receptive field
-gives it the same inductive bias as the attack's generators (a pattern made from the local
-image), and the mutual-information term asks for a permutation rather than a natural
-attractor class. Synthetic images only; labels are the model's own predictions.
+``q_i = softmax(f((1 - m(x_i)) x_i + m(x_i) p(x_i)))``, with ``I`` and ``H`` measured on ``q``
+with the source class taken out and renormalised (the identity mapping also maximises
+``I(y; y')`` on the full ``q``). The spread ``H(y')`` over a class-balanced batch is what
+finds the permutation: without it the generator collapsed onto a natural attractor class,
+with it it recovered InputAware all-to-all's y -> y + 1 mapping (explore-purify.md 4p). The
+conv net's small receptive field gives it the attack generators' inductive bias (a pattern
+made from the local image). Synthetic images only; labels are the model's own predictions.
 """
 
 from __future__ import annotations
@@ -55,21 +59,13 @@ class DynamicInversionConfig:
     images_per_class: int = 12  # per step, drawn by the model's clean prediction
     hidden: int = 16  # channels of the generator
     mask_bias: float = -3.0  # initial mask logit: sigmoid(-3) = 5% of each pixel
-    # add a free per-pixel mask logit map (Neural Cleanse's mask) to the generator's own: a
-    # trigger whose place is mostly fixed and whose look follows the image
-    free_mask: bool = False
 
 
 class TriggerGenerator(nn.Module):
     """``x`` (pixels in [0, 1]) -> mask ``(N, 1, H, W)`` and pattern ``(N, C, H, W)`` in [0, 1]."""
 
-    def __init__(
-        self, channels: int, hidden: int, mask_bias: float, free_mask: tuple[int, int] | None = None
-    ) -> None:
+    def __init__(self, channels: int, hidden: int, mask_bias: float) -> None:
         super().__init__()
-        self.mask_map = (
-            nn.Parameter(torch.zeros(1, 1, *free_mask)) if free_mask is not None else None
-        )
         self.net = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1),
             nn.ReLU(),
@@ -85,10 +81,7 @@ class TriggerGenerator(nn.Module):
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         out = self.net(pixels * 2 - 1)
-        mask_logit = out[:, self.channels :]
-        if self.mask_map is not None:
-            mask_logit = mask_logit + self.mask_map
-        return torch.sigmoid(mask_logit), torch.sigmoid(out[:, : self.channels])
+        return torch.sigmoid(out[:, self.channels :]), torch.sigmoid(out[:, : self.channels])
 
 
 @dataclass
@@ -149,16 +142,11 @@ def dynamic_inversion(
     num_classes = _num_outputs(model, images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        net = TriggerGenerator(
-            c,
-            config.hidden,
-            config.mask_bias,
-            free_mask=tuple(images.shape[2:]) if config.free_mask else None,  # type: ignore[arg-type]
-        ).to(device)
+        net = TriggerGenerator(c, config.hidden, config.mask_bias).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     report = _reporter(progress, stage)
 
-    def objective(idx: Tensor) -> tuple[Tensor, Tensor]:
+    def objective(idx: Tensor) -> Tensor:
         pix = (images[idx] * s + m).clamp(0, 1)
         mask, pattern = net(pix)
         x = (((1 - mask) * pix + mask * pattern) - m) / s
@@ -179,12 +167,12 @@ def dynamic_inversion(
         mi = spread - conditional
         l1 = mask.flatten(1).sum(1).mean()
         loss = leave - config.mi_weight * mi - config.spread_weight * spread
-        return loss + config.l1_weight * l1, l1
+        return loss + config.l1_weight * l1
 
     with _Frozen(model):
         for step in range(config.steps):
             idx = _balanced_index(clean.cpu(), config.images_per_class, gen).to(device)
-            loss, _ = objective(idx)
+            loss = objective(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -192,25 +180,19 @@ def dynamic_inversion(
         net.eval()
         for p in net.parameters():
             p.requires_grad_(False)
+        stamped, mask_sums = [], []
         with torch.no_grad():
-            stamped_images = torch.cat(
-                [
-                    stamp_dynamic(images[i : i + 256], net, mean=mean, std=std)
-                    for i in range(0, images.shape[0], 256)
-                ]
-            )
-            masks = torch.cat(
-                [
-                    net((images[i : i + 256] * s + m).clamp(0, 1))[0]
-                    for i in range(0, images.shape[0], 256)
-                ]
-            )
-            stamped = predict(model, stamped_images)
-    flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
+            for start in range(0, images.shape[0], 256):
+                pix = (images[start : start + 256] * s + m).clamp(0, 1)
+                mask, pattern = net(pix)
+                mask_sums.append(mask.flatten(1).sum(1))
+                x = (((1 - mask) * pix + mask * pattern) - m) / s
+                stamped.append(model(x).argmax(1))
+    flip, mi, top, mapping = _hard_statistics(clean, torch.cat(stamped), num_classes)
     report(1.0)
     return DynamicInversionResult(
         generator=net,
-        mask_norm=float(masks.flatten(1).sum(1).mean()),
+        mask_norm=float(torch.cat(mask_sums).mean()),
         flip_rate=flip,
         mutual_information=mi,
         top_share=top,

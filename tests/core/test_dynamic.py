@@ -28,7 +28,7 @@ def images() -> torch.Tensor:
 
 
 def test_generator_outputs_a_mask_and_pattern_per_image() -> None:
-    net = TriggerGenerator(3, 8, mask_bias=-3.0, free_mask=(8, 8))
+    net = TriggerGenerator(3, 8, mask_bias=-3.0)
     x = torch.rand(5, 3, 8, 8)
     with torch.no_grad():
         mask, pattern = net(x)
