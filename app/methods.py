@@ -84,7 +84,6 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "dynamic_spread",
         "dynamic_min_flip",
         "dynamic_min_targets",
-        "dynamic_beside_permutation",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

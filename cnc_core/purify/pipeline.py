@@ -205,8 +205,6 @@ class PurifyConfig:
     dynamic: DynamicInversionConfig | None = None
     dynamic_min_flip: float = 0.6
     dynamic_min_targets: float = 0.8
-    # Search for the dynamic trigger even where the one-pattern permutation trigger is used
-    dynamic_beside_permutation: bool = False
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -430,7 +428,6 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "dynamic_spread": ("dynamic", "spread_weight"),
     "dynamic_min_flip": ("dynamic_min_flip",),
     "dynamic_min_targets": ("dynamic_min_targets",),
-    "dynamic_beside_permutation": ("dynamic_beside_permutation",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -732,8 +729,7 @@ def purify(
                 "skipped": skipped,
             }
         if config.dynamic is not None:
-            pattern_used = (proxies.permutation_record or {}).get("used")
-            if skipped is None and pattern_used and not config.dynamic_beside_permutation:
+            if skipped is None and (proxies.permutation_record or {}).get("used"):
                 skipped = "the one-pattern permutation trigger was found and is used"
             with plan.stage("dynamic"):
                 if skipped is None:
