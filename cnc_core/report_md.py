@@ -108,7 +108,13 @@ def _detection(report: dict[str, Any]) -> list[str]:
             f"Teacher cleaning: {cleaning.get('rounds_applied', 0)} of "
             f"{len(cleaning.get('rounds', []))} round(s) applied; the cleaned model agrees with "
             f"the original on {_pct(cleaning.get('agreement_with_original'))} of the synthetic "
-            "images.",
+            "images."
+            + (
+                " It pruned by the all-to-all trigger; its 'target' is each class's image under "
+                "that trigger's mapping."
+                if cleaning.get("trigger") == "all-to-all"
+                else ""
+            ),
             "",
         ]
         for i, rnd in enumerate(cleaning.get("rounds", []), 1):

@@ -169,6 +169,12 @@ class PurifyConfig:
     # BadNet 0.99 -> 0.08, InputAware 0.95 -> 0.56 (both cleanings remove the backdoor),
     # Blended 0.92 -> 0.75 (the cleaned teacher's ASR stays 99.95%). None disables.
     cleaning_max_flip: float | None = None
+    # Where an all-to-all trigger (the permutation or the dynamic one) passed its gate, clean
+    # with it alone instead of the inverted per-class triggers (Neural Cleanse's "target" is
+    # meaningless there): channels scored on images stamped with it, the reach counted as the
+    # share of them sent to their class's image under the trigger's mapping. No target-class
+    # images follow such a cleaning (there is no one target).
+    cleaning_all_to_all: bool = False
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     # Activation-aware refit of the compact model's factors (same ranks) to the compressed
@@ -392,6 +398,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_min_agreement": ("cleaning_min_agreement",),
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "cleaning_max_flip": ("cleaning_max_flip",),
+    "cleaning_all_to_all": ("cleaning_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -759,7 +766,12 @@ def purify(
         trigger_untrusted = (
             cleaning["rounds_applied"] == 0 and cleaning["rounds"][0].get("undone") == "agreement"
         )
-        if config.target_images > 0:
+        if config.target_images > 0 and cleaning["trigger"] == "all-to-all":
+            detection["target_synthesis"] = {
+                "images": 0,
+                "skipped": "the cleaning used the all-to-all trigger: there is no one target",
+            }
+        elif config.target_images > 0:
             held = [rnd for rnd in cleaning["rounds"] if not rnd.get("undone")]
             with plan.stage("target_synthesis"):
                 target_extra, detection["target_synthesis"] = _target_synthesis(
@@ -996,12 +1008,23 @@ def _clean_teacher(
     mask_norm = inv.mask_norms[target]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
     images = proxy_images
-    off_target = predict(teacher, clean) != target  # sources a flip can be counted on
+    source = predict(teacher, clean)
+    # what a stamped image of each clean class reaches: the target, or its image under the
+    # all-to-all trigger's mapping; -1 where a flip cannot be counted
+    reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
+    reach_of[target] = -1
+    all_to_all = _all_to_all_trigger(config, proxies, mean, std)
+    if all_to_all is not None:
+        stamp, mapping = all_to_all
+        images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 952))
+        reach_of = torch.tensor(mapping, dtype=torch.long, device=clean.device)
+    goal = reach_of[source]
+    counted = goal >= 0
 
     def flip(net: nn.Module, stamped: Tensor) -> float:
-        if not bool(off_target.any()):
+        if not bool(counted.any()):
             return 0.0
-        return float((predict(net, stamped[off_target]) == target).float().mean())
+        return float((predict(net, stamped[counted]) == goal[counted]).float().mean())
 
     rounds: list[dict[str, Any]] = []
     n = max(config.cleaning_rounds, 1)
@@ -1022,6 +1045,8 @@ def _clean_teacher(
             undone = "agreement"
         elif config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
             undone = "flip"
+        elif all_to_all is not None:
+            pass  # no per-class trigger to re-invert; the stamped images stay the same
         else:
             # re-invert on the cleaned model: the next round's proxies, and the residual signal
             gen = torch.Generator(device="cpu").manual_seed(config.seed + 500 + r)
@@ -1041,15 +1066,42 @@ def _clean_teacher(
             rec["undone"] = undone
             progress("cleaning", 1.0)
             break
-        mask_norm = new.mask_norms[0]
-        images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
+        if all_to_all is None:
+            mask_norm = new.mask_norms[0]
+            images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
         progress("cleaning", (r + 1) / n)
     applied = sum(not rec.get("undone", False) for rec in rounds)
     return cleaned.eval(), {
         "rounds": rounds,
         "rounds_applied": applied,
         "agreement_with_original": agreement(cleaned, teacher, clean),
+        "trigger": "all-to-all" if all_to_all is not None else "inverted",
     }
+
+
+def _all_to_all_trigger(
+    config: PurifyConfig,
+    proxies: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> tuple[StampFn, list[int]] | None:
+    """The all-to-all trigger cleaning uses (``PurifyConfig.cleaning_all_to_all``) as a stamp
+    and its class mapping: the dynamic one if it passed its gate, else the permutation
+    trigger if it did; None otherwise or when the knob is off."""
+    if not config.cleaning_all_to_all:
+        return None
+    if proxies.dynamic_generator is not None and proxies.dynamic_record is not None:
+        return (
+            dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std),
+            proxies.dynamic_record["mapping"],
+        )
+    if proxies.extra_triggers is not None and proxies.permutation_record is not None:
+        masks, patterns = proxies.extra_triggers
+        return (
+            trigger_stamp(masks, patterns, mean=mean, std=std),
+            proxies.permutation_record["mapping"],
+        )
+    return None
 
 
 def _add_permutation_trigger(

@@ -373,6 +373,38 @@ def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     assert "not searched" in render_report({"detection": skip.detection})
 
 
+def test_cleaning_can_use_the_all_to_all_trigger() -> None:
+    """With ``cleaning_all_to_all`` and a permutation trigger past its gate, cleaning scores
+    the channels on images stamped with that trigger alone, counts its reach by the trigger's
+    mapping, draws no target-class images, and says so in the record and the report."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(
+        detect=False,
+        permutation_restarts=2,
+        permutation_max_anomaly=None,
+        permutation_min_flip=0.0,
+        permutation_min_targets=0.0,
+        dynamic=False,
+        cleaning_min_agreement=0.0,
+        cleaning_max_flip=None,
+        target_images=8,
+    )
+    plain = purify(model, _config("cnc", **knobs), **kw)
+    a2a = purify(model, _config("cnc", cleaning_all_to_all=True, **knobs), **kw)
+    assert plain.detection["permutation_inversion"]["used"] is True
+    assert plain.detection["teacher_cleaning"]["trigger"] == "inverted"
+    cleaning = a2a.detection["teacher_cleaning"]
+    assert cleaning["trigger"] == "all-to-all"
+    assert (
+        cleaning["rounds"][0]["flip_before"]
+        != plain.detection["teacher_cleaning"]["rounds"][0]["flip_before"]
+    )
+    assert "target_mask_norm" not in cleaning["rounds"][0]  # no per-class re-inversion
+    assert "no one target" in a2a.detection["target_synthesis"]["skipped"]
+    assert "pruned by the all-to-all trigger" in render_report({"detection": a2a.detection})
+
+
 def test_report_says_what_the_permutation_trigger_did() -> None:
     """The human-readable report names the permutation trigger's effect and whether it was
     used, from the detection record purify writes."""
