@@ -38,6 +38,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "bn_mode",
         "class_weight",
         "cleaning",
+        "cleaning_all_to_all",
         "cleaning_max_flip",
         "cleaning_max_fraction",
         "cleaning_min_agreement",
