@@ -173,7 +173,9 @@ class PurifyConfig:
     # with it alone instead of the inverted per-class triggers (Neural Cleanse's "target" is
     # meaningless there): channels scored on images stamped with it, the reach counted as the
     # share of them sent to their class's image under the trigger's mapping. No target-class
-    # images follow such a cleaning (there is no one target).
+    # images follow such a cleaning (there is no one target). Measured, not adopted (section
+    # 4p, 3x): BadNet all-to-all 84.95 / 19.15 -> 84.20 / 15.85, InputAware all-to-all
+    # 86.20 / 1.85 -> 83.80 / 10.95.
     cleaning_all_to_all: bool = False
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
