@@ -55,6 +55,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "feature_weight",
         "flip",
         "inversion_l1",
+        "inverted_beside_all_to_all",
         "inversion_steps",
         "inversion_use",
         "kd_weight",

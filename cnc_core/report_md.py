@@ -103,7 +103,9 @@ def _detection(report: dict[str, Any]) -> list[str]:
             ),
         ]
     cleaning = det.get("teacher_cleaning")
-    if cleaning:
+    if cleaning and cleaning.get("skipped"):
+        lines += [f"Teacher cleaning: skipped; {cleaning['skipped']}.", ""]
+    elif cleaning:
         lines += [
             f"Teacher cleaning: {cleaning.get('rounds_applied', 0)} of "
             f"{len(cleaning.get('rounds', []))} round(s) applied; the cleaned model agrees with "

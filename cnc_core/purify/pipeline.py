@@ -177,6 +177,11 @@ class PurifyConfig:
     # 4p, 3x): BadNet all-to-all 84.95 / 19.15 -> 84.20 / 15.85, InputAware all-to-all
     # 86.20 / 1.85 -> 83.80 / 10.95.
     cleaning_all_to_all: bool = False
+    # Keep the inverted per-class triggers (and the teacher cleaning by them) beside an
+    # all-to-all trigger that passed its gate. False: the all-to-all trigger alone is
+    # stamped, and the teacher is not cleaned (Neural Cleanse's "target" on an all-to-all
+    # model is a natural class, and unlearning or pruning it costs that class).
+    inverted_beside_all_to_all: bool = True
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
     # Activation-aware refit of the compact model's factors (same ranks) to the compressed
@@ -401,6 +406,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "cleaning_max_flip": ("cleaning_max_flip",),
     "cleaning_all_to_all": ("cleaning_all_to_all",),
+    "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
     "recalibrate": ("recalibrate",),
@@ -753,7 +759,17 @@ def purify(
     kd_teacher = teacher
     trigger_untrusted = False
     target_extra: Tensor | None = None
-    if config.teacher_cleaning is not None and proxies.inversion is not None:
+    all_to_all_only = _all_to_all_only(config, proxies)
+    if all_to_all_only and config.teacher_cleaning is not None:
+        detection["teacher_cleaning"] = {
+            "skipped": "an all-to-all trigger passed its gate and the inverted per-class "
+            "triggers are left out (inverted_beside_all_to_all=false)"
+        }
+    if (
+        config.teacher_cleaning is not None
+        and proxies.inversion is not None
+        and not all_to_all_only
+    ):
         with plan.stage("cleaning"):
             kd_teacher, cleaning = _clean_teacher(
                 teacher, clean, proxies, config, mean, std, num_classes, plan.nested("cleaning")
@@ -1199,33 +1215,45 @@ def _stamp_of(
     """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
     if proxies.inversion is not None:
         masks, patterns = _stamped_triggers(config, proxies)
-        return _with_dynamic(trigger_stamp(masks, patterns, mean=mean, std=std), proxies, mean, std)
+        return _with_dynamic(masks, patterns, proxies, mean, std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
 
 
 def _with_dynamic(
-    triggers: StampFn,
+    masks: Tensor,
+    patterns: Tensor,
     proxies: ProxySet,
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
 ) -> StampFn:
-    """``triggers``, or, where the proxies carry a dynamic trigger generator, each image
-    stamped by one of the two at random."""
-    if proxies.dynamic_generator is None:
-        return triggers
-    return mixed_stamp([triggers, dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std)])
+    """A stamp putting one of the triggers ``masks``, ``patterns`` on each image, or, where
+    the proxies carry a dynamic trigger generator, one of the two families at random."""
+    stamps = [trigger_stamp(masks, patterns, mean=mean, std=std)] if masks.shape[0] else []
+    if proxies.dynamic_generator is not None:
+        stamps.append(dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std))
+    return mixed_stamp(stamps)
+
+
+def _all_to_all_only(config: PurifyConfig, proxies: ProxySet) -> bool:
+    """Whether an all-to-all trigger passed its gate and replaces the inverted per-class
+    ones (``PurifyConfig.inverted_beside_all_to_all``)."""
+    found = proxies.extra_triggers is not None or proxies.dynamic_generator is not None
+    return found and not config.inverted_beside_all_to_all
 
 
 def _stamped_triggers(config: PurifyConfig, proxies: ProxySet) -> tuple[Tensor, Tensor]:
     """Masks and patterns of the triggers stamped in fine-tuning: the inverted ones chosen by
-    ``config.proxy.inversion.use``, plus the permutation trigger when it passed its gate."""
+    ``config.proxy.inversion.use`` (unless :func:`_all_to_all_only`), plus the permutation
+    trigger when it passed its gate."""
     inv = proxies.inversion
     assert inv is not None
     idx = torch.tensor(
         chosen_triggers(inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
     )
+    if _all_to_all_only(config, proxies):
+        idx = idx[:0]
     masks, patterns = inv.masks[idx], inv.patterns[idx]
     if proxies.extra_triggers is not None:
         masks = torch.cat([masks, proxies.extra_triggers[0].to(masks.device)])
@@ -1295,8 +1323,7 @@ def _stamp_refresher(
         )
         masks.append(inv.masks)
         patterns.append(inv.patterns)
-        triggers = trigger_stamp(torch.cat(masks), torch.cat(patterns), mean=mean, std=std)
-        stamp = _with_dynamic(triggers, first, mean, std)
+        stamp = _with_dynamic(torch.cat(masks), torch.cat(patterns), first, mean, std)
         return mixed_stamp([stamp, blend]) if blend is not None else stamp
 
     return refresh

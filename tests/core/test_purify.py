@@ -405,6 +405,27 @@ def test_cleaning_can_use_the_all_to_all_trigger() -> None:
     assert "pruned by the all-to-all trigger" in render_report({"detection": a2a.detection})
 
 
+def test_all_to_all_trigger_can_replace_the_inverted_ones() -> None:
+    """With ``inverted_beside_all_to_all=false`` and an all-to-all trigger past its gate,
+    the teacher is not cleaned and the training changes; below the gate nothing changes."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(detect=False, permutation_restarts=2, permutation_max_anomaly=None, dynamic=False)
+    gate = dict(permutation_min_flip=0.0, permutation_min_targets=0.0)
+    beside = purify(model, _config("cnc", **knobs, **gate), **kw)
+    alone = purify(model, _config("cnc", inverted_beside_all_to_all=False, **knobs, **gate), **kw)
+    assert "rounds" in beside.detection["teacher_cleaning"]
+    assert "left out" in alone.detection["teacher_cleaning"]["skipped"]
+    assert "cleaning" not in alone.timings
+    assert not torch.allclose(alone.model(x), beside.model(x), atol=1e-6)
+    assert "Teacher cleaning: skipped" in render_report({"detection": alone.detection})
+    closed = dict(knobs, permutation_min_flip=1.01)
+    same = purify(model, _config("cnc", **closed), **kw)
+    same_alone = purify(model, _config("cnc", inverted_beside_all_to_all=False, **closed), **kw)
+    assert torch.allclose(same.model(x), same_alone.model(x), atol=1e-6)
+
+
 def test_report_says_what_the_permutation_trigger_did() -> None:
     """The human-readable report names the permutation trigger's effect and whether it was
     used, from the detection record purify writes."""
