@@ -180,7 +180,9 @@ class PurifyConfig:
     # Keep the inverted per-class triggers (and the teacher cleaning by them) beside an
     # all-to-all trigger that passed its gate. False: the all-to-all trigger alone is
     # stamped, and the teacher is not cleaned (Neural Cleanse's "target" on an all-to-all
-    # model is a natural class, and unlearning or pruning it costs that class).
+    # model is a natural class, and unlearning or pruning it costs that class). Measured, not
+    # adopted (section 4p, 3x): BadNet all-to-all 84.95 / 19.15 -> 88.15 / 20.30, InputAware
+    # all-to-all 86.20 / 1.85 -> 88.05 / 4.60.
     inverted_beside_all_to_all: bool = True
     clp: CLPConfig = field(default_factory=CLPConfig)
     clp_compress: bool = True  # "clp": also apply the same compression afterwards
