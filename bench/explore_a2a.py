@@ -10,6 +10,9 @@ the mask's mass in the real trigger's bottom-right 4x4 corner. Appends a JSON li
 
     .venv/bin/python bench/explore_a2a.py --attack badnet --mode all2all
     .venv/bin/python bench/explore_a2a.py --attack clean --mode none
+
+``--dynamic`` inverts a trigger generator instead (:mod:`cnc_core.purify.dynamic`, the
+input-aware all-to-all proxy); the session-11 probes: ``--dynamic --l1 0.001`` (spread 4).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize  # noqa: E402
 from cnc_core.purify.dynamic import (  # noqa: E402
     DynamicInversionConfig,
+    DynamicInversionResult,
     dynamic_inversion,
     stamp_dynamic,
 )
 from cnc_core.purify.permutation import (  # noqa: E402
     PermutationInversionConfig,
+    PermutationInversionResult,
     permutation_inversion,
 )
 from cnc_core.purify.proxies import apply_trigger, predict  # noqa: E402
@@ -73,31 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     synth, _ = cached_synthetic(model, s, key, **MS)
     gen = torch.Generator().manual_seed(args.seed)
+    common = dict(
+        steps=args.steps, l1_weight=args.l1, mi_weight=args.mi_weight, images_per_class=args.ipc
+    )
+    if args.lr is not None:
+        common["lr"] = args.lr
     cfg: PermutationInversionConfig | DynamicInversionConfig
     t0 = time.perf_counter()
     if args.dynamic:
-        cfg = DynamicInversionConfig(
-            steps=args.steps,
-            l1_weight=args.l1,
-            mi_weight=args.mi_weight,
-            images_per_class=args.ipc,
-            spread_weight=args.spread_weight,
-            **({"lr": args.lr} if args.lr is not None else {}),
-        )
+        cfg = DynamicInversionConfig(**common, spread_weight=args.spread_weight)
         dyn = dynamic_inversion(model, synth, cfg, generator=gen, **MS)
-        found = dyn
-        mask_sum = torch.zeros(())
+        found: PermutationInversionResult | DynamicInversionResult = dyn
     else:
-        cfg = PermutationInversionConfig(
-            steps=args.steps,
-            l1_weight=args.l1,
-            mi_weight=args.mi_weight,
-            restarts=args.restarts,
-            images_per_class=args.ipc,
-            **({"lr": args.lr} if args.lr is not None else {}),
-        )
+        cfg = PermutationInversionConfig(**common, restarts=args.restarts)
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
-        found = inv  # type: ignore[assignment]
+        found = inv
     seconds = time.perf_counter() - t0
     # evaluation only: the inverted trigger on real test images
     xc, yc = eval_sets(args.attack, args.mode)["clean"]  # type: ignore[misc]

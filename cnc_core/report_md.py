@@ -150,48 +150,17 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 + f", {verdict}"
             )
         lines.append("")
-    perm = det.get("permutation_inversion")
-    if perm and perm.get("skipped"):
-        lines += [
-            f"Permutation trigger (the all-to-all proxy): not searched; {perm['skipped']}.",
-            "",
-        ]
-    elif perm:
-        verdict = (
-            "stamped beside the inverted trigger in unlearning"
-            if perm["used"]
-            else "not used (it moved too few images, or onto a few natural classes)"
-        )
-        mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(perm["mapping"]) if t >= 0)
-        lines += [
-            "Permutation trigger (the all-to-all proxy): one mask + pattern that moves each "
-            f"class to another; mask L1 {perm['mask_norm']:.1f}, it moved "
-            f"{_pct(perm['flip_rate'])} of the synthetic images, at most "
-            f"{_pct(perm['top_share'])} of them to one class; {verdict}. "
-            f"Class mapping: {mapping} (onto {perm.get('targets', '?')} classes).",
-            "",
-        ]
-    dyn = det.get("dynamic_inversion")
-    if dyn and dyn.get("skipped"):
-        lines += [
-            f"Dynamic trigger (the input-aware all-to-all proxy): not searched; {dyn['skipped']}.",
-            "",
-        ]
-    elif dyn:
-        verdict = (
-            "stamped beside the inverted trigger in unlearning"
-            if dyn["used"]
-            else "not used (it moved too few images, or onto a few natural classes)"
-        )
-        mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(dyn["mapping"]) if t >= 0)
-        lines += [
-            "Dynamic trigger (the input-aware all-to-all proxy): a generator of one mask + "
-            "pattern per image that moves each class to another; mean mask L1 "
-            f"{dyn['mask_norm']:.1f}, it moved {_pct(dyn['flip_rate'])} of the synthetic "
-            f"images, at most {_pct(dyn['top_share'])} of them to one class; {verdict}. "
-            f"Class mapping: {mapping} (onto {dyn.get('targets', '?')} classes).",
-            "",
-        ]
+    lines += _all_to_all_lines(
+        det.get("permutation_inversion"),
+        "Permutation trigger (the all-to-all proxy)",
+        "one mask + pattern that moves each class to another; mask L1",
+    )
+    lines += _all_to_all_lines(
+        det.get("dynamic_inversion"),
+        "Dynamic trigger (the input-aware all-to-all proxy)",
+        "a generator of one mask + pattern per image that moves each class to another; "
+        "mean mask L1",
+    )
     drawn = det.get("target_synthesis")
     if drawn and drawn.get("skipped"):
         lines += [f"Target-class images: none drawn; {drawn['skipped']}.", ""]
@@ -304,6 +273,26 @@ def _layers(report: dict[str, Any]) -> list[str]:
         "",
         *_table(("layer", "kind", "full ranks", "kept ranks", "params", "params after"), rows),
         *note,
+    ]
+
+
+def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> list[str]:
+    """The report's paragraph on one all-to-all trigger search (its detection record)."""
+    if not record:
+        return []
+    if record.get("skipped"):
+        return [f"{name}: not searched; {record['skipped']}.", ""]
+    verdict = (
+        "stamped beside the inverted trigger in unlearning"
+        if record["used"]
+        else "not used (it moved too few images, or onto a few natural classes)"
+    )
+    mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(record["mapping"]) if t >= 0)
+    return [
+        f"{name}: {what} {record['mask_norm']:.1f}, it moved {_pct(record['flip_rate'])} of "
+        f"the synthetic images, at most {_pct(record['top_share'])} of them to one class; "
+        f"{verdict}. Class mapping: {mapping} (onto {record.get('targets', '?')} classes).",
+        "",
     ]
 
 

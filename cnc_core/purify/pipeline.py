@@ -44,7 +44,12 @@ from torch import Tensor, nn
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
-from cnc_core.purify.dynamic import DynamicInversionConfig, dynamic_inversion, dynamic_stamp
+from cnc_core.purify.dynamic import (
+    DynamicInversionConfig,
+    DynamicInversionResult,
+    dynamic_inversion,
+    dynamic_stamp,
+)
 from cnc_core.purify.finetune import (
     BN_MODES,
     OPTIMIZERS,
@@ -57,7 +62,11 @@ from cnc_core.purify.finetune import (
     finetune,
     recalibrate_bn,
 )
-from cnc_core.purify.permutation import PermutationInversionConfig, permutation_inversion
+from cnc_core.purify.permutation import (
+    PermutationInversionConfig,
+    PermutationInversionResult,
+    permutation_inversion,
+)
 from cnc_core.purify.proxies import (
     INVERSION_USES,
     PROXY_KINDS,
@@ -1144,28 +1153,45 @@ def _add_permutation_trigger(
     perm = permutation_inversion(
         teacher, clean, config.permutation, mean=mean, std=std, generator=gen, progress=progress
     )
-    targets = len({t for t in perm.mapping if t >= 0})
-    used = (
-        perm.flip_rate >= config.permutation_min_flip
-        and targets >= config.permutation_min_targets * len(perm.mapping)
-    )
-    record: dict[str, Any] = {
-        "mask_norm": perm.mask_norm,
-        "flip_rate": perm.flip_rate,
-        "mutual_information": perm.mutual_information,
-        "top_share": perm.top_share,
-        "mapping": perm.mapping,
-        "targets": targets,
-        "used": used,
-    }
+    record = _gate(perm, config.permutation_min_flip, config.permutation_min_targets)
     out = dataclasses.replace(proxies, permutation_record=record)
-    if not used:
+    if not record["used"]:
         return out
     out.extra_triggers = (perm.mask[None], perm.pattern[None])
-    stamp = _stamp_of(config, out, mean, std)
+    return _restamped(out, clean, config, mean, std, seed_offset=901)
+
+
+def _gate(
+    found: PermutationInversionResult | DynamicInversionResult, min_flip: float, min_targets: float
+) -> dict[str, Any]:
+    """The record of an all-to-all trigger search, with ``used``: whether the trigger moved at
+    least ``min_flip`` of the synthetic images onto at least ``min_targets`` of the classes."""
+    targets = len({t for t in found.mapping if t >= 0})
+    return {
+        "mask_norm": found.mask_norm,
+        "flip_rate": found.flip_rate,
+        "mutual_information": found.mutual_information,
+        "top_share": found.top_share,
+        "mapping": found.mapping,
+        "targets": targets,
+        "used": found.flip_rate >= min_flip and targets >= min_targets * len(found.mapping),
+    }
+
+
+def _restamped(
+    proxies: ProxySet,
+    clean: Tensor,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    seed_offset: int,
+) -> ProxySet:
+    """``proxies`` with its images re-stamped from ``clean`` by :func:`_stamp_of`."""
+    stamp = _stamp_of(config, proxies, mean, std)
     assert stamp is not None  # the proxies carry an inversion
-    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 901))
-    return out
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + seed_offset)
+    proxies.images = stamp(clean, gen)
+    return proxies
 
 
 def _add_dynamic_trigger(
@@ -1185,27 +1211,12 @@ def _add_dynamic_trigger(
     dyn = dynamic_inversion(
         teacher, clean, config.dynamic, mean=mean, std=std, generator=gen, progress=progress
     )
-    targets = len({t for t in dyn.mapping if t >= 0})
-    used = dyn.flip_rate >= config.dynamic_min_flip and targets >= config.dynamic_min_targets * len(
-        dyn.mapping
-    )
-    record: dict[str, Any] = {
-        "mask_norm": dyn.mask_norm,
-        "flip_rate": dyn.flip_rate,
-        "mutual_information": dyn.mutual_information,
-        "top_share": dyn.top_share,
-        "mapping": dyn.mapping,
-        "targets": targets,
-        "used": used,
-    }
+    record = _gate(dyn, config.dynamic_min_flip, config.dynamic_min_targets)
     out = dataclasses.replace(proxies, dynamic_record=record)
-    if not used:
+    if not record["used"]:
         return out
     out.dynamic_generator = dyn.generator
-    stamp = _stamp_of(config, out, mean, std)
-    assert stamp is not None  # the proxies carry an inversion
-    out.images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 951))
-    return out
+    return _restamped(out, clean, config, mean, std, seed_offset=951)
 
 
 def _stamp_of(
