@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     xc, yc = xc[:2000], yc[:2000]
     x = normalize(xc, *MS.values())
     before = predict(model, x)
+    corner = 0.0  # the share of the mask in BadNet's real 4x4 corner (one-pattern only)
     if args.dynamic:
         with torch.no_grad():
             after = predict(model, stamp_dynamic(x, dyn.generator, **MS))
     else:
         after = predict(model, apply_trigger(x, inv.mask, inv.pattern, **MS))
-        mask_sum = inv.mask.sum()
+        corner = float(inv.mask[:, -4:, -4:].sum() / inv.mask.sum().clamp_min(1e-12))
     ok = before == yc
-    corner = 0.0 if args.dynamic else float(inv.mask[:, -4:, -4:].sum() / mask_sum.clamp_min(1e-12))
     out = {
         "kind": "dynamic-inversion" if args.dynamic else "permutation-inversion",
         "attack": key,

@@ -96,6 +96,12 @@ class DynamicInversionResult:
     mapping: list[int]
 
 
+def _stamped_pixels(generator: nn.Module, pix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 - m(x)) x + m(x) p(x)`` for pixel images ``pix`` in [0, 1], and the masks."""
+    mask, pattern = generator(pix)
+    return (1 - mask) * pix + mask * pattern, mask
+
+
 def stamp_dynamic(
     images: Tensor, generator: nn.Module, *, mean: Norm = 0.0, std: Norm = 1.0
 ) -> Tensor:
@@ -103,9 +109,8 @@ def stamp_dynamic(
     c = images.shape[1]
     m = to_tensor_stats(mean, c, images.device)
     s = to_tensor_stats(std, c, images.device)
-    pix = (images * s + m).clamp(0, 1)
-    mask, pattern = generator(pix)
-    return (((1 - mask) * pix + mask * pattern).clamp(0, 1) - m) / s
+    stamped, _ = _stamped_pixels(generator, (images * s + m).clamp(0, 1))
+    return (stamped.clamp(0, 1) - m) / s
 
 
 def dynamic_stamp(
@@ -147,10 +152,8 @@ def dynamic_inversion(
     report = _reporter(progress, stage)
 
     def objective(idx: Tensor) -> Tensor:
-        pix = (images[idx] * s + m).clamp(0, 1)
-        mask, pattern = net(pix)
-        x = (((1 - mask) * pix + mask * pattern) - m) / s
-        q = F.softmax(model(x), dim=1)
+        stamped, mask = _stamped_pixels(net, (images[idx] * s + m).clamp(0, 1))
+        q = F.softmax(model((stamped - m) / s), dim=1)
         y = clean[idx]
         stay = q.gather(1, y[:, None]).squeeze(1)
         leave = -(1 - stay).clamp_min(1e-6).log().mean()
@@ -180,15 +183,14 @@ def dynamic_inversion(
         net.eval()
         for p in net.parameters():
             p.requires_grad_(False)
-        stamped, mask_sums = [], []
+        predicted, mask_sums = [], []
         with torch.no_grad():
             for start in range(0, images.shape[0], 256):
                 pix = (images[start : start + 256] * s + m).clamp(0, 1)
-                mask, pattern = net(pix)
+                stamped, mask = _stamped_pixels(net, pix)
                 mask_sums.append(mask.flatten(1).sum(1))
-                x = (((1 - mask) * pix + mask * pattern) - m) / s
-                stamped.append(model(x).argmax(1))
-    flip, mi, top, mapping = _hard_statistics(clean, torch.cat(stamped), num_classes)
+                predicted.append(model((stamped - m) / s).argmax(1))
+    flip, mi, top, mapping = _hard_statistics(clean, torch.cat(predicted), num_classes)
     report(1.0)
     return DynamicInversionResult(
         generator=net,
