@@ -45,6 +45,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "cleaning_min_mask_growth",
         "cleaning_rounds",
         "cleaning_u",
+        "channels_last",
         "clp_compress",
         "clp_u",
         "detect",

@@ -31,6 +31,7 @@ from cnc_core.progress import ProgressFn
 
 __all__ = [
     "SynthesisConfig",
+    "cpu_channels_last",
     "batch_statistics_loss_autograd",
     "bn_statistics_loss",
     "normalisation_bounds",
@@ -63,6 +64,10 @@ class SynthesisConfig:
     # DeepInversion's image prior (Yin et al., CVPR 2020): weight of the total variation
     # (mean squared difference of neighbouring pixels, normalised space). 0 = plain ZeroQ.
     tv_weight: float = 0.0
+    # On CPU, optimise the pixels in channels-last memory (:func:`cpu_channels_last`): the
+    # same images to float rounding, 1.4x faster a step. ``purify`` also keeps its synthetic
+    # images in that layout for every later stage when this is on.
+    channels_last: bool = True
 
 
 def to_tensor_stats(
@@ -75,6 +80,21 @@ def to_tensor_stats(
     if t.numel() != channels:
         raise ValueError(f"expected 1 or {channels} normalisation values, got {t.numel()}")
     return t.reshape(1, channels, 1, 1).clone()
+
+
+def cpu_channels_last(images: Tensor, enabled: bool = True) -> Tensor:
+    """``images`` in channels-last memory on CPU (unchanged on other devices or shapes, or
+    when not ``enabled``).
+
+    oneDNN runs convolutions on channels-last inputs 1.4x faster a synthesis step (forward +
+    input gradient) on a width-16 ResNet-18 on 2 cores (``bench/results/synthesis-step-s12.md``),
+    and the layout carries through every op that follows (activations, slices, indexing,
+    stamping), so the images are converted once and the models are left as they are. The
+    values are the same; results differ from NCHW only by float rounding.
+    """
+    if not enabled or images.device.type != "cpu" or images.dim() != 4:
+        return images
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def normalisation_bounds(
@@ -118,12 +138,13 @@ class _BatchStatisticsLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, run_mean: Tensor, target_sigma: Tensor, eps: float) -> Tensor:
-        flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, spatial): a view, no copy
-        var, mu = torch.var_mean(flat, dim=(0, 2), unbiased=False)
-        sigma = torch.sqrt(var + eps)
+        # the training-mode batch norm kernel gives mu and 1 / sqrt(var + eps) in one pass,
+        # 2.5x (NCHW) to 7x (channels-last) faster on CPU than var_mean over (N, spatial)
+        _, mu, inv_sigma = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        sigma = inv_sigma.reciprocal()
         d_mu, d_sigma = mu - run_mean, sigma - target_sigma
         n_mu, n_sigma = torch.linalg.vector_norm(d_mu), torch.linalg.vector_norm(d_sigma)
-        count = flat.shape[0] * flat.shape[2]
+        count = x.numel() // x.shape[1]
         # the norm's gradient at 0 is taken as 0, as autograd does (no host sync on CUDA)
         a = torch.where(n_mu > 0, d_mu / n_mu, torch.zeros_like(d_mu))
         g = torch.where(n_sigma > 0, d_sigma / n_sigma, torch.zeros_like(d_sigma))
@@ -319,7 +340,7 @@ def synthesize(
             x = torch.randn(n, c, h, w, generator=gen).to(device)
             if config.clamp:
                 x = torch.max(torch.min(x, hi), lo)
-            x.requires_grad_(True)
+            x = cpu_channels_last(x, config.channels_last).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=config.lr)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, patience=config.plateau_patience, min_lr=config.min_lr
@@ -341,10 +362,10 @@ def synthesize(
                 sched.step(float(loss.detach()))
                 if config.clamp:
                     with torch.no_grad():
-                        x.data = torch.max(torch.min(x.data, hi), lo)
+                        x.data.clamp_(lo, hi)
                 step += 1
                 report(step / total_steps)
-            out.append(x.detach())
+            out.append(x.detach().contiguous())
     finally:
         recorder.remove()
         model.train(was_training)
