@@ -55,12 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="all2all")
     p.add_argument("--num-images", type=int, default=512)
     p.add_argument("--iterations", type=int, default=100)
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="synthesis batch (the cnc preset: 256)"
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--l1", type=float, default=0.01)
     p.add_argument("--mi-weight", type=float, default=1.0)
     p.add_argument("--restarts", type=int, default=2)
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--search-seed",
+        type=int,
+        default=None,
+        help="seed of the search's own generator (default: --seed; purify uses seed + 900)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--dynamic",
@@ -74,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_zoo_model(args.attack, args.mode, 16)
     key = model_key(args.attack, args.mode)
     s = SynthesisConfig(
-        num_images=args.num_images, batch_size=128, iterations=args.iterations, seed=args.seed
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        iterations=args.iterations,
+        seed=args.seed,
     )
     synth, _ = cached_synthetic(model, s, key, **MS)
-    gen = torch.Generator().manual_seed(args.seed)
+    search_seed = args.seed if args.search_seed is None else args.search_seed
+    gen = torch.Generator().manual_seed(search_seed)
     common = dict(
         steps=args.steps, l1_weight=args.l1, mi_weight=args.mi_weight, images_per_class=args.ipc
     )
@@ -112,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "attack": key,
         "synth": synth_key(s),
         "config": cfg.__dict__,
+        "search_seed": search_seed,
         "seconds": round(seconds, 1),
         "mask_norm": round(found.mask_norm, 1),
         "synthetic": {
