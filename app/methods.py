@@ -80,6 +80,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_restarts",
         "permutation_min_flip",
         "permutation_min_targets",
+        "permutation_any_restart",
         "permutation_max_anomaly",
         "dynamic",
         "dynamic_steps",

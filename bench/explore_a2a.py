@@ -140,6 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             "mask_mass_bottom_right_4x4": round(corner, 3),
         },
     }
+    if not args.dynamic:
+        # every restart, best objective first: what it did on the synthetic images (what the
+        # gate sees) and, for evaluation only, on the real ones
+        out["restarts"] = []
+        for cand in inv.candidates:
+            moved = predict(model, apply_trigger(x, cand.mask, cand.pattern, **MS))
+            out["restarts"].append(
+                {
+                    "flip_rate": round(cand.flip_rate, 3),
+                    "targets": len({t for t in cand.mapping if t >= 0}),
+                    "mapping": cand.mapping,
+                    "real_to_y_plus_1": round(
+                        float((moved[ok] == (yc[ok] + 1) % 10).float().mean()), 3
+                    ),
+                }
+            )
     print(json.dumps(out))
     LOG.parent.mkdir(parents=True, exist_ok=True)
     with LOG.open("a") as fh:

@@ -288,10 +288,17 @@ def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> li
         else "not used (it moved too few images, or onto a few natural classes)"
     )
     mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(record["mapping"]) if t >= 0)
+    restarts = record.get("restarts", [])
+    which = (
+        f" Restart {record['restart'] + 1} of the {len(restarts)} gated (by the search's "
+        "objective, best first) is the one described."
+        if len(restarts) > 1
+        else ""
+    )
     return [
         f"{name}: {what} {record['mask_norm']:.1f}, it moved {_pct(record['flip_rate'])} of "
         f"the synthetic images, at most {_pct(record['top_share'])} of them to one class; "
-        f"{verdict}. Class mapping: {mapping} (onto {record.get('targets', '?')} classes).",
+        f"{verdict}. Class mapping: {mapping} (onto {record.get('targets', '?')} classes)." + which,
         "",
     ]
 

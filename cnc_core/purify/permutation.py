@@ -23,7 +23,8 @@ predictions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,10 @@ class PermutationInversionResult:
     mutual_information: float  # I(y; y') in nats, hard predictions
     top_share: float  # largest share of flipped images that land in one class
     mapping: list[int]  # most common stamped prediction per source class (-1: no images)
+    # every restart's own result (this one included), best final objective first: the
+    # objective favours triggers that move few images (staying put is information too), so
+    # a caller may prefer another restart by what it does (``PurifyConfig``'s gate does)
+    candidates: list[PermutationInversionResult] = field(default_factory=list)
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -115,7 +120,8 @@ def permutation_inversion(
     """Invert one all-to-all trigger from synthetic ``images`` (normalised) against ``model``.
 
     ``config.restarts`` (mask, pattern) pairs are optimised side by side from random patterns;
-    the one with the highest final objective on all images is returned.
+    the one with the best final objective is returned, with every restart's result (its
+    hard statistics on all ``images``) in ``candidates``, best objective first.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images.device
@@ -162,18 +168,23 @@ def permutation_inversion(
             report((step + 1) / max(config.steps, 1) * 0.95)
         with torch.no_grad():
             idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
-            best = int(objective(idx).argmin())
-            mask = torch.sigmoid(mask_raw[best]).detach()
-            pattern = torch.sigmoid(pattern_raw[best]).detach()
-            stamped = predict(model, apply_trigger(images, mask, pattern, mean=mean, std=std))
-    flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
+            order = objective(idx).argsort().tolist()
+            candidates = []
+            for k in order:
+                mask = torch.sigmoid(mask_raw[k]).detach()
+                pattern = torch.sigmoid(pattern_raw[k]).detach()
+                stamped = predict(model, apply_trigger(images, mask, pattern, mean=mean, std=std))
+                flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
+                candidates.append(
+                    PermutationInversionResult(
+                        mask=mask,
+                        pattern=pattern,
+                        mask_norm=float(mask.sum()),
+                        flip_rate=flip,
+                        mutual_information=mi,
+                        top_share=top,
+                        mapping=mapping,
+                    )
+                )
     report(1.0)
-    return PermutationInversionResult(
-        mask=mask,
-        pattern=pattern,
-        mask_norm=float(mask.sum()),
-        flip_rate=flip,
-        mutual_information=mi,
-        top_share=top,
-        mapping=mapping,
-    )
+    return dataclasses.replace(candidates[0], candidates=candidates)

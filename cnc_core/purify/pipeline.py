@@ -211,6 +211,11 @@ class PurifyConfig:
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
     permutation_min_targets: float = 0.6
+    # Gate every restart of the search, not only the one with the best objective, and take
+    # the best-objective restart that passes. The objective also rewards images that stay
+    # put, so it can rank a collapse onto natural classes above a real permutation that
+    # another restart found (session 12, explore-purify.md 4q: BadNet all-to-all, seed 1).
+    permutation_any_restart: bool = False
     # The search is skipped when Neural Cleanse already names one target with this anomaly
     # index or more (an all-to-one backdoor; None: always search). Measured anomaly indices:
     # BadNet all-to-one 2.75-4.41, Blended all-to-one 1.6-4.19 (and the permutation trigger
@@ -418,6 +423,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "cleaning_max_flip": ("cleaning_max_flip",),
     "cleaning_all_to_all": ("cleaning_all_to_all",),
+    "permutation_any_restart": ("permutation_any_restart",),
     "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
@@ -1156,7 +1162,19 @@ def _add_permutation_trigger(
     perm = permutation_inversion(
         teacher, clean, config.permutation, mean=mean, std=std, generator=gen, progress=progress
     )
-    record = _gate(perm, config.permutation_min_flip, config.permutation_min_targets)
+    candidates = perm.candidates or [perm]
+    if not config.permutation_any_restart:
+        candidates = candidates[:1]
+    records = [
+        _gate(c, config.permutation_min_flip, config.permutation_min_targets) for c in candidates
+    ]
+    chosen = next((i for i, r in enumerate(records) if r["used"]), 0)
+    perm, record = candidates[chosen], records[chosen]
+    # every restart's outcome, best objective first, and which one was taken
+    record["restart"] = chosen
+    record["restarts"] = [
+        {k: r[k] for k in ("flip_rate", "targets", "mapping", "used")} for r in records
+    ]
     out = dataclasses.replace(proxies, permutation_record=record)
     if not record["used"]:
         return out

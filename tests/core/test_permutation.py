@@ -72,3 +72,19 @@ def test_is_seeded_and_weaker_on_a_clean_model(
     # A clean model needs a larger trigger for a weaker permutation
     assert a.mask_norm > a2a_inv.mask_norm
     assert a.mutual_information < a2a_inv.mutual_information
+
+
+def test_every_restart_is_reported_best_objective_first(
+    images: torch.Tensor, a2a_inv: PermutationInversionResult
+) -> None:
+    """``candidates`` holds one result per restart, each with its own hard statistics; the
+    returned trigger is the first of them (the best final objective)."""
+    inv = a2a_inv
+    assert len(inv.candidates) == CFG.restarts
+    first = inv.candidates[0]
+    assert torch.equal(first.mask, inv.mask) and first.mapping == inv.mapping
+    assert first.flip_rate == inv.flip_rate
+    assert not torch.equal(inv.candidates[0].pattern, inv.candidates[1].pattern)
+    for cand in inv.candidates:
+        assert 0.0 <= cand.flip_rate <= 1.0 and len(cand.mapping) == NUM_CLASSES
+        assert cand.candidates == []  # no nesting

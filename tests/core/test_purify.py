@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -336,6 +338,46 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
     assert record["used"] is False and "anomaly index" in record["skipped"]
     assert torch.allclose(skip.model(x), plain.model(x), atol=1e-6)
     assert "not searched" in render_report({"detection": skip.detection})
+
+
+def test_permutation_any_restart_takes_a_passing_restart_over_a_better_objective(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``permutation_any_restart`` the gate looks at every restart, so a real
+    permutation found by the second restart is used although a collapse onto one class had
+    the better objective; without it only the first restart is gated. The search itself is
+    replaced by these two fixed outcomes (the selection is what is tested here)."""
+    import cnc_core.purify.pipeline as pipeline
+    from cnc_core.purify.permutation import PermutationInversionResult
+
+    def outcome(mapping: list[int], flip: float, value: float) -> PermutationInversionResult:
+        mask = torch.zeros(1, 16, 16)
+        mask[:, -3:, -3:] = 1.0
+        return PermutationInversionResult(
+            mask=mask,
+            pattern=torch.full((3, 16, 16), value),
+            mask_norm=9.0,
+            flip_rate=flip,
+            mutual_information=0.5,
+            top_share=0.3,
+            mapping=mapping,
+        )
+
+    collapse = outcome([1, 0, 1, 1], 0.9, 0.0)  # two classes: fails the gate
+    shift = outcome([1, 2, 3, 0], 0.8, 1.0)  # a permutation: passes
+    found = dataclasses.replace(collapse, candidates=[collapse, shift])
+    monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: found)
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    small = dict(detect=False, permutation_max_anomaly=None)
+    first = purify(model, _config("cnc", **small), **kw).detection["permutation_inversion"]
+    assert first["used"] is False and first["restart"] == 0 and first["targets"] == 2
+    assert len(first["restarts"]) == 1
+    anyr = purify(model, _config("cnc", permutation_any_restart=True, **small), **kw)
+    rec = anyr.detection["permutation_inversion"]
+    assert rec["used"] is True and rec["restart"] == 1 and rec["mapping"] == [1, 2, 3, 0]
+    assert [r["used"] for r in rec["restarts"]] == [False, True]
+    assert "Restart 2 of the 2 gated" in render_report({"detection": anyr.detection})
 
 
 def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
