@@ -81,6 +81,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_min_flip",
         "permutation_min_targets",
         "permutation_any_restart",
+        "permutation_information",
         "permutation_max_anomaly",
         "dynamic",
         "dynamic_steps",
@@ -122,4 +123,5 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "blend_proxy": ("none", "mean_diff", "noise", "both"),
     "refit_weighting": ("rms", "none"),
     "allocation_spectra": ("weight", "response"),
+    "permutation_information": ("full", "away"),
 }

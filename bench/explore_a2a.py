@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l1", type=float, default=0.01)
     p.add_argument("--mi-weight", type=float, default=1.0)
     p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--information", default="full", help="one-pattern search: full or away")
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         dyn = dynamic_inversion(model, synth, cfg, generator=gen, **MS)
         found: PermutationInversionResult | DynamicInversionResult = dyn
     else:
-        cfg = PermutationInversionConfig(**common, restarts=args.restarts)
+        cfg = PermutationInversionConfig(
+            **common, restarts=args.restarts, information=args.information
+        )
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
         found = inv
     seconds = time.perf_counter() - t0

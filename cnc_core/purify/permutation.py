@@ -41,7 +41,15 @@ from cnc_core.purify.proxies import (
 )
 from cnc_core.purify.synthesis import to_tensor_stats
 
-__all__ = ["PermutationInversionConfig", "PermutationInversionResult", "permutation_inversion"]
+__all__ = [
+    "INFORMATION",
+    "PermutationInversionConfig",
+    "PermutationInversionResult",
+    "permutation_inversion",
+]
+
+
+INFORMATION = ("full", "away")
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,11 @@ class PermutationInversionConfig:
     mi_weight: float = 1.0
     images_per_class: int = 12  # per step, drawn by the model's clean prediction
     restarts: int = 2  # independent (mask, pattern) pairs optimised together; the best is kept
+    # What I(y; y') is measured on: "full", the stamped prediction q (staying put carries
+    # information too, so a trigger that moves few images onto one natural class scores
+    # well); "away", q with the source class taken out and renormalised, as the dynamic
+    # search measures it (where images go once they leave)
+    information: str = "full"
 
 
 @dataclass
@@ -123,6 +136,8 @@ def permutation_inversion(
     the one with the best final objective is returned, with every restart's result (its
     hard statistics on all ``images``) in ``candidates``, best objective first.
     """
+    if config.information not in INFORMATION:
+        raise ValueError(f"information must be one of {INFORMATION}, not {config.information!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images.device
     c, h, w = images.shape[1:]
@@ -148,8 +163,11 @@ def permutation_inversion(
         y = clean[idx]
         stay = q.gather(2, y[None, :, None].expand(r, n, 1)).squeeze(2)
         leave = -(1 - stay).clamp_min(1e-6).log().mean(1)
-        marginal = _entropy(q.mean(1))
         onehot = F.one_hot(y, q.shape[2]).float()  # (n, K)
+        if config.information == "away":
+            q = q * (1 - onehot)[None]
+            q = q / q.sum(2, keepdim=True).clamp_min(1e-12)
+        marginal = _entropy(q.mean(1))
         counts = onehot.sum(0)  # (K,)
         per_class = torch.einsum("nk,rnj->rkj", onehot, q) / counts.clamp_min(1)[None, :, None]
         present = counts > 0

@@ -63,6 +63,7 @@ from cnc_core.purify.finetune import (
     recalibrate_bn,
 )
 from cnc_core.purify.permutation import (
+    INFORMATION,
     PermutationInversionConfig,
     PermutationInversionResult,
     permutation_inversion,
@@ -452,6 +453,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation": ("permutation",),  # False/None disables
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
+    "permutation_information": ("permutation", "information"),
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "permutation_max_anomaly": ("permutation_max_anomaly",),
@@ -476,6 +478,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
     "allocation_spectra": ALLOCATION_SPECTRA,
+    "permutation_information": INFORMATION,
 }
 
 

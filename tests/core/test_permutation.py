@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -88,3 +89,18 @@ def test_every_restart_is_reported_best_objective_first(
     for cand in inv.candidates:
         assert 0.0 <= cand.flip_rate <= 1.0 and len(cand.mapping) == NUM_CLASSES
         assert cand.candidates == []  # no nesting
+
+
+def test_information_away_from_the_source_also_finds_the_trigger(
+    a2a_net: nn.Module, images: torch.Tensor
+) -> None:
+    """``information="away"`` (the information measured on where images go once they leave)
+    recovers the planted y -> y + 1 mapping too; an unknown measure is refused."""
+    away = dataclasses.replace(CFG, information="away")
+    inv = permutation_inversion(a2a_net, images, away, mean=MEAN, std=STD)
+    right = sum(inv.mapping[c] == (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES))
+    assert right >= NUM_CLASSES - 1 and inv.flip_rate > 0.8
+    with pytest.raises(ValueError, match="information must be one of"):
+        permutation_inversion(
+            a2a_net, images, dataclasses.replace(CFG, information="x"), mean=MEAN, std=STD
+        )
