@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--l1", type=float, default=0.01)
     p.add_argument("--mi-weight", type=float, default=1.0)
-    p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--information", default="full", help="one-pattern search: full or away")
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)

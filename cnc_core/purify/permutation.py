@@ -56,14 +56,16 @@ INFORMATION = ("full", "away")
 class PermutationInversionConfig:
     """Settings of :func:`permutation_inversion`."""
 
-    # 150 steps x 2 restarts x 12 images per class: ~36k image passes, about 4x the preset's
-    # Neural-Cleanse inversion; the probe of bench/explore_a2a.py used 200 x 4 x 16
+    # 150 steps x 3 restarts x 12 images per class: ~54k image passes, about 6x the preset's
+    # Neural-Cleanse inversion. Until session 12, 2 restarts: on BadNet all-to-all's seed-1
+    # images both collapsed onto natural classes, where 3 found the exact mapping twice;
+    # 100 steps found it too but with larger masks and weaker removal (explore-purify.md 4q)
     steps: int = 150
     lr: float = 0.1
     l1_weight: float = 0.01
     mi_weight: float = 1.0
     images_per_class: int = 12  # per step, drawn by the model's clean prediction
-    restarts: int = 2  # independent (mask, pattern) pairs optimised together; the best is kept
+    restarts: int = 3  # independent (mask, pattern) pairs optimised together; the best is kept
     # What I(y; y') is measured on: "full", the stamped prediction q (staying put carries
     # information too, so a trigger that moves few images onto one natural class scores
     # well); "away", q with the source class taken out and renormalised, as the dynamic

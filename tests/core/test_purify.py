@@ -343,7 +343,7 @@ def test_permutation_knob_adds_the_trigger_only_past_its_bar() -> None:
 def test_permutation_any_restart_takes_a_passing_restart_over_a_better_objective(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With ``permutation_any_restart`` the gate looks at every restart, so a real
+    """With ``permutation_any_restart`` (the preset) the gate looks at every restart, so a real
     permutation found by the second restart is used although a collapse onto one class had
     the better objective; without it only the first restart is gated. The search itself is
     replaced by these two fixed outcomes (the selection is what is tested here)."""
@@ -370,10 +370,12 @@ def test_permutation_any_restart_takes_a_passing_restart_over_a_better_objective
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     small = dict(detect=False, permutation_max_anomaly=None)
-    first = purify(model, _config("cnc", **small), **kw).detection["permutation_inversion"]
+    only_best = _config("cnc", permutation_any_restart=False, **small)
+    first = purify(model, only_best, **kw).detection["permutation_inversion"]
     assert first["used"] is False and first["restart"] == 0 and first["targets"] == 2
     assert len(first["restarts"]) == 1
-    anyr = purify(model, _config("cnc", permutation_any_restart=True, **small), **kw)
+    assert PurifyConfig.for_method("cnc").permutation_any_restart is True  # the preset's
+    anyr = purify(model, _config("cnc", **small), **kw)
     rec = anyr.detection["permutation_inversion"]
     assert rec["used"] is True and rec["restart"] == 1 and rec["mapping"] == [1, 2, 3, 0]
     assert [r["used"] for r in rec["restarts"]] == [False, True]
