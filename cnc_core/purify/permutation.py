@@ -65,7 +65,7 @@ class PermutationInversionConfig:
     l1_weight: float = 0.01
     mi_weight: float = 1.0
     images_per_class: int = 12  # per step, drawn by the model's clean prediction
-    restarts: int = 3  # independent (mask, pattern) pairs optimised together; the best is kept
+    restarts: int = 3  # independent (mask, pattern) pairs optimised together, all returned
     # What I(y; y') is measured on: "full", the stamped prediction q (staying put carries
     # information too, so a trigger that moves few images onto one natural class scores
     # well); "away", q with the source class taken out and renormalised, as the dynamic
