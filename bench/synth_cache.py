@@ -38,7 +38,9 @@ def synth_key(s: SynthesisConfig) -> str:
     statistics depend on the batch size, so it is part of the key)."""
     return (
         f"n{s.num_images}-it{s.iterations}-b{s.batch_size}-lr{s.lr:g}-cw{s.class_weight:g}"
-        f"-{s.statistics}-s{s.seed}" + (f"-tv{s.tv_weight:g}" if s.tv_weight else "")
+        f"-{s.statistics}-s{s.seed}"
+        + (f"-tv{s.tv_weight:g}" if s.tv_weight else "")
+        + ("" if s.channels_last else "-nchw")  # the same images to float rounding only
     )
 
 
