@@ -12,6 +12,7 @@ all give the same gradient to float rounding. Writes ``bench/results/synthesis-s
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -88,9 +89,7 @@ def main() -> None:
             assert x.grad is not None
             grads[name] = x.grad.clone()
     # float64 reference gradient: how far each variant's float32 rounding takes it
-    ref_model = load_zoo_model("badnet", "all2one", 16)[0].double().eval()
-    for param in ref_model.parameters():
-        param.requires_grad_(False)
+    ref_model = copy.deepcopy(model).double()  # eval, parameters frozen, as the model is
     x64 = pixels.double().requires_grad_(True)
     rec = _BNInputRecorder(ref_model, per_sample=False)
     try:

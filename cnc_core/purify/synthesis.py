@@ -31,9 +31,9 @@ from cnc_core.progress import ProgressFn
 
 __all__ = [
     "SynthesisConfig",
-    "cpu_channels_last",
     "batch_statistics_loss_autograd",
     "bn_statistics_loss",
+    "cpu_channels_last",
     "normalisation_bounds",
     "synthesize",
     "to_tensor_stats",
