@@ -31,6 +31,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         # purification (cnc_core.purify.pipeline.KNOBS)
         "allocation_spectra",
         "augment",
+        "average_from",
         "batch_size",
         "blend_alpha",
         "blend_noise",
@@ -43,6 +44,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "cleaning_max_fraction",
         "cleaning_min_agreement",
         "cleaning_min_mask_growth",
+        "cleaning_min_reach_cut",
         "cleaning_rounds",
         "cleaning_u",
         "channels_last",

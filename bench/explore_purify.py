@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         out["dynamic"] = det["dynamic_inversion"]
     if res.finetune is not None:
         out["best_epoch"] = res.finetune.best_epoch
+        out["averaged"] = res.finetune.averaged
+        out["averaged_score"] = res.finetune.averaged_score
         out["history"] = [{k: round(v, 3) for k, v in h.items()} for h in res.finetune.history]
     out["params"] = (
         (res.compress.params_before, res.compress.params_after) if res.compress else None
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             "anomaly_index",
             "suppressed",
             "best_epoch",
+            "averaged",
             "total_s",
         )
     }

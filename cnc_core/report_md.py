@@ -132,6 +132,12 @@ def _detection(report: dict[str, Any]) -> list[str]:
                     f"{_pct(rnd.get('flip_after'))} of the images: the pruning did not reach "
                     "the trigger)"
                 )
+            elif undone == "reach_cut":
+                verdict = (
+                    f"undone (the stamped trigger's reach fell only from "
+                    f"{_pct(rnd.get('flip_before'))} to {_pct(rnd.get('flip_after'))}: the "
+                    "pruning did not reach the trigger)"
+                )
             elif undone:
                 verdict = "undone (the model lost its clean function)"
             else:

@@ -104,6 +104,12 @@ class FinetuneConfig:
     # images, 75.35 / 2.25 on clean + stamped (explore-purify.md 4k): the trigger's channels
     # are normalised by a spread that includes the (inverted) trigger's own response.
     recal_stamped: float = 0.0
+    # Weight averaging (SWA; Izmailov et al., UAI 2018): the student's weights averaged over
+    # the ends of epochs ``average_from`` .. ``epochs``, BN statistics then re-estimated as
+    # after any epoch. With ``early_stopping`` the average competes with the best epoch by
+    # the same held-out score and is kept when it scores at least as well; without, it is
+    # the result. 0: off.
+    average_from: int = 0
     seed: int = 0
 
 
@@ -115,6 +121,11 @@ class FinetuneResult:
     best_epoch: int = -1
     best_score: float = float("-inf")
     stopped_early: bool = False
+    # with ``average_from``: how many epochs were averaged, the average's held-out score
+    # (early stopping only) and whether the average is the model returned
+    averaged_epochs: int = 0
+    averaged_score: float | None = None
+    averaged: bool = False
 
 
 def _named_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -456,6 +467,7 @@ def finetune(
         result.history.append({"epoch": 0.0, **base})
         result.best_epoch, result.best_score = 0, base["score"]
         best_state = copy.deepcopy(student.state_dict())
+    average = _WeightAverage(student) if config.average_from > 0 else None
     bad = 0
     step = 0
     taps = _BNTaps(student, teacher, config.feature_depth) if config.feature_weight > 0 else None
@@ -543,13 +555,53 @@ def finetune(
                 else:
                     bad += 1
             result.history.append(record)
+            if average is not None and epoch >= config.average_from:
+                average.add(student)
             if config.early_stopping and bad >= config.patience:
                 result.stopped_early = True
                 break
     finally:
         if taps is not None:
             taps.close()
+    if average is not None and average.count:
+        result.averaged_epochs = average.count
+        average.load_into(student)
+        settle()
+        if config.early_stopping:
+            result.averaged_score = evaluate()["score"]
+            result.averaged = result.averaged_score >= result.best_score
+        else:
+            result.averaged = True
+        if result.averaged:
+            best_state = None
     if best_state is not None:
         student.load_state_dict(best_state)
     student.eval()
     return result
+
+
+class _WeightAverage:
+    """Running mean of a model's floating-point parameters and buffers (``average_from``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sums = {
+            name: torch.zeros_like(value)
+            for name, value in model.state_dict().items()
+            if value.is_floating_point()
+        }
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for name, total in self.sums.items():
+            total += state[name]
+        self.count += 1
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module) -> None:
+        """Put the mean into ``model``; its integer buffers (BN batch counts) stay as they are;
+        BN running statistics are to be re-estimated by the caller."""
+        state = model.state_dict()
+        state.update({name: total / self.count for name, total in self.sums.items()})
+        model.load_state_dict(state)

@@ -179,6 +179,18 @@ class PurifyConfig:
     # BadNet 0.99 -> 0.08, InputAware 0.95 -> 0.56 (both cleanings remove the backdoor),
     # Blended 0.92 -> 0.75 (the cleaned teacher's ASR stays 99.95%). None disables.
     cleaning_max_flip: float | None = None
+    # Fourth guard: a cleaning round is undone (and cleaning stops) unless it cut the
+    # trigger's reach (``flip_before`` -> ``flip_after``) by at least this share of what it
+    # was. ``cleaning_max_flip`` cannot see an all-to-all model, where Neural Cleanse's
+    # trigger reaches only 0.5-0.6 of the images before any pruning; there a round that
+    # leaves the reach where it was (BadNet all-to-all 0.58 -> 0.55, InputAware all-to-all
+    # 0.49 -> 0.48) looks as if it has pruned clean function only. Measured, not adopted
+    # (session 13, explore-purify.md 4r, 3x): undoing those two rounds (what a cut of 0.25
+    # does there; ``cleaning=false`` gives the same model) costs ASR on both, BadNet
+    # all-to-all 85.60 / 13.70 -> 86.70 / 17.50, InputAware all-to-all 87.50 / 1.80 -> 88.05 /
+    # 4.95: the pruning helps the student even where the trigger's reach hardly moves.
+    # None disables.
+    cleaning_min_reach_cut: float | None = None
     # Where an all-to-all trigger (the permutation or the dynamic one) passed its gate, clean
     # with it alone instead of the inverted per-class triggers (Neural Cleanse's "target" is
     # meaningless there): channels scored on images stamped with it, the reach counted as the
@@ -416,6 +428,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "bn_mode": ("finetune", "bn_mode"),
     "early_stopping": ("finetune", "early_stopping"),
     "patience": ("finetune", "patience"),
+    "average_from": ("finetune", "average_from"),
     "sensitivity": ("sensitivity",),  # False/None disables
     "sensitivity_u": ("sensitivity", "u"),
     "sensitivity_action": ("sensitivity", "action"),
@@ -426,6 +439,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_min_agreement": ("cleaning_min_agreement",),
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "cleaning_max_flip": ("cleaning_max_flip",),
+    "cleaning_min_reach_cut": ("cleaning_min_reach_cut",),
     "cleaning_all_to_all": ("cleaning_all_to_all",),
     "permutation_any_restart": ("permutation_any_restart",),
     "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
@@ -935,6 +949,13 @@ def purify(
                 refresh=refresh,
             )
 
+    if ft.averaged_epochs:
+        detection["finetune_selection"] = (
+            f"average of the last {ft.averaged_epochs} epochs' weights"
+            if ft.averaged
+            else detection["finetune_selection"]
+            + f" (it scored above the average of the last {ft.averaged_epochs} epochs)"
+        )
     suspected = proxies.suspected_target
     if config.detect:
         _pgd_detection(student, probe, "after", config, detection, plan, mean=mean, std=std)
@@ -1040,8 +1061,9 @@ def _clean_teacher(
     model's clean function (a wrongly named target), not a trigger. So is a round after which
     the re-inverted trigger's mask is less than ``config.cleaning_min_mask_growth`` times its
     size before (``undone: "mask_growth"``), or after which the round's stamped images still
-    reach the target more often than ``config.cleaning_max_flip`` (``undone: "flip"``): the
-    pruning did not touch the trigger.
+    reach the target more often than ``config.cleaning_max_flip`` (``undone: "flip"``), or
+    less than ``config.cleaning_min_reach_cut`` below the share before the round (``undone:
+    "reach_cut"``): the pruning did not touch the trigger.
     """
     assert config.teacher_cleaning is not None and proxies.inversion is not None
     cleaned = copy.deepcopy(teacher)
@@ -1089,6 +1111,10 @@ def _clean_teacher(
             undone = "agreement"
         elif config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
             undone = "flip"
+        elif config.cleaning_min_reach_cut is not None and rec["flip_after"] > flip_before * (
+            1.0 - config.cleaning_min_reach_cut
+        ):
+            undone = "reach_cut"
         elif all_to_all is not None:
             pass  # no per-class trigger to re-invert; the stamped images stay the same
         else:

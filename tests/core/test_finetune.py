@@ -242,3 +242,49 @@ def test_cached_teacher_outputs_train_the_same_student_as_running_the_teacher(
         assert torch.allclose(value.float(), direct.state_dict()[name].float(), atol=1e-5)
     assert res_cached.history[-1]["feature"] > 0
     assert not any(m._forward_hooks for m in teacher.modules())
+
+
+def test_weight_average_of_the_last_epoch_is_that_epoch_and_of_more_is_their_mean() -> None:
+    """``average_from``: averaging only the last epoch returns the plain run's weights;
+    averaging two epochs returns the mean of the weights after each (BN statistics
+    re-estimated, here in eval mode: averaged with the rest)."""
+    teacher = tiny_net(seed=2)
+    clean = _data(64)
+    base = dict(epochs=3, batch_size=32, early_stopping=False, bn_mode="eval")
+
+    def run(**kw: object) -> tuple[nn.Module, object, list[dict[str, torch.Tensor]]]:
+        student = _damaged_student(teacher)
+        states: list[dict[str, torch.Tensor]] = []
+        cfg = FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
+        # the weights after each epoch, read through the progress callback at epoch ends
+        steps = 2  # 64 images in batches of 32
+
+        def grab(_stage: str, frac: float) -> None:
+            if round(frac * cfg.epochs * steps) % steps == 0:
+                states.append({k: v.clone() for k, v in student.state_dict().items()})
+
+        res = finetune(student, teacher, clean, None, None, cfg, progress=grab)
+        return student, res, states
+
+    plain, _, states = run()
+    last, res_last, _ = run(average_from=3)
+    assert res_last.averaged and res_last.averaged_epochs == 1
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in last.state_dict().items())
+    two, res_two, _ = run(average_from=2)
+    assert res_two.averaged_epochs == 2
+    mean = {
+        k: (states[1][k] + states[2][k]) / 2 for k, v in states[1].items() if v.is_floating_point()
+    }
+    got = two.state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in mean.items())
+    assert len(states) == 3 and not torch.allclose(got["0.weight"], states[2]["0.weight"])
+
+
+def test_weight_average_competes_with_the_best_epoch_by_the_held_out_score() -> None:
+    teacher = tiny_net(seed=1)
+    student = _damaged_student(teacher)
+    clean = _data(128)
+    cfg = FinetuneConfig(epochs=4, lr=5e-3, batch_size=32, holdout=0.2, patience=4, average_from=2)
+    res = finetune(student, teacher, clean, None, None, cfg)
+    assert res.averaged_epochs == 3 and res.averaged_score is not None
+    assert res.averaged == (res.averaged_score >= res.best_score)

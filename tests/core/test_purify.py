@@ -183,6 +183,34 @@ def test_cleaning_after_which_the_trigger_still_fires_is_undone() -> None:
     assert "still reached the target" in page and "stamped trigger reaches the target" in page
 
 
+def test_cleaning_that_hardly_cuts_the_trigger_reach_is_undone() -> None:
+    """``cleaning_min_reach_cut``: a round must cut the stamped trigger's reach by that share
+    of what it was, or it is undone (``undone: "reach_cut"``) and the uncleaned model kept."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    loose = dict(
+        detect=False,
+        cleaning_u=0.5,
+        cleaning_max_fraction=0.5,
+        cleaning_min_agreement=0,
+        cleaning_max_flip=None,
+    )
+    # a negative cut lets the reach grow (here it doubles, 0.5 -> 1.0)
+    kept = purify(model, _config("cnc", **loose, cleaning_min_reach_cut=-2.0), **kw)
+    assert "undone" not in kept.detection["teacher_cleaning"]["rounds"][0]
+    # no round can cut the reach by more than all of it
+    guarded = purify(model, _config("cnc", **loose, cleaning_min_reach_cut=1.01), **kw)
+    cleaning = guarded.detection["teacher_cleaning"]
+    rnd = cleaning["rounds"][0]
+    assert rnd["undone"] == "reach_cut" and cleaning["rounds_applied"] == 0
+    plain = purify(model, _config("cnc", **loose, cleaning=False), **kw)
+    assert torch.allclose(guarded.model(x), plain.model(x), atol=1e-6)
+    assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
+    page = render_report({"detection": guarded.detection})
+    assert "reach fell only from" in page
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_compresses(method: str) -> None:
     model = _model()
