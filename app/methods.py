@@ -83,6 +83,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_min_flip",
         "permutation_min_targets",
         "permutation_any_restart",
+        "permutation_all_passing",
         "permutation_information",
         "permutation_max_anomaly",
         "dynamic",

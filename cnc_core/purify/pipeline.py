@@ -230,6 +230,12 @@ class PurifyConfig:
     # another restart found (session 12, explore-purify.md 4q: BadNet all-to-all, seed 1).
     # The cnc preset sets it.
     permutation_any_restart: bool = False
+    # With ``permutation_any_restart``: stamp the trigger of every restart that passes the
+    # gate, not only the best one's. Restarts that find the same mapping reach it with
+    # different masks and patterns, each an approximation of the real trigger; unlearning all
+    # of them covers more of its neighbourhood (each stamped image gets one trigger at random,
+    # so the all-to-all triggers also take a larger share of the stamped images).
+    permutation_all_passing: bool = False
     # The search is skipped when Neural Cleanse already names one target with this anomaly
     # index or more (an all-to-one backdoor; None: always search). Measured anomaly indices:
     # BadNet all-to-one 2.75-4.41, Blended all-to-one 1.6-4.19 (and the permutation trigger
@@ -442,6 +448,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_min_reach_cut": ("cleaning_min_reach_cut",),
     "cleaning_all_to_all": ("cleaning_all_to_all",),
     "permutation_any_restart": ("permutation_any_restart",),
+    "permutation_all_passing": ("permutation_all_passing",),
     "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
@@ -1210,7 +1217,16 @@ def _add_permutation_trigger(
     out = dataclasses.replace(proxies, permutation_record=record)
     if not record["used"]:
         return out
-    out.extra_triggers = (perm.mask[None], perm.pattern[None])
+    stamped = [perm]
+    if config.permutation_all_passing:
+        stamped += [
+            c for c, r in zip(candidates, records, strict=True) if r["used"] and c is not perm
+        ]
+        record["stamped"] = len(stamped)
+    out.extra_triggers = (
+        torch.stack([c.mask for c in stamped]),
+        torch.stack([c.pattern for c in stamped]),
+    )
     return _restamped(out, clean, config, mean, std, seed_offset=901)
 
 

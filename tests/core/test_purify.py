@@ -13,7 +13,7 @@ from cnc_core.layers import Tucker2Conv2d
 from cnc_core.models import create_model
 from cnc_core.progress import Cancelled
 from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, disputed_images, purify
-from cnc_core.purify.proxies import PROXY_KINDS
+from cnc_core.purify.proxies import PROXY_KINDS, ProxySet
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     rank_components,
@@ -408,6 +408,57 @@ def test_permutation_any_restart_takes_a_passing_restart_over_a_better_objective
     assert rec["used"] is True and rec["restart"] == 1 and rec["mapping"] == [1, 2, 3, 0]
     assert [r["used"] for r in rec["restarts"]] == [False, True]
     assert "Restart 2 of the 2 gated" in render_report({"detection": anyr.detection})
+
+
+def test_permutation_all_passing_stamps_every_restart_that_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``permutation_all_passing``: the triggers of all restarts that pass the gate are
+    stamped (the best-objective passing one first), a failing one never; the model differs
+    from the one trained on the chosen restart's trigger alone."""
+    import cnc_core.purify.pipeline as pipeline
+    from cnc_core.purify.permutation import PermutationInversionResult
+
+    def outcome(mapping: list[int], corner: int, value: float) -> PermutationInversionResult:
+        mask = torch.zeros(1, 16, 16)
+        mask[:, corner : corner + 3, corner : corner + 3] = 1.0
+        return PermutationInversionResult(
+            mask=mask,
+            pattern=torch.full((3, 16, 16), value),
+            mask_norm=9.0,
+            flip_rate=0.8,
+            mutual_information=0.5,
+            top_share=0.3,
+            mapping=mapping,
+        )
+
+    first = outcome([1, 2, 3, 0], 0, 1.0)
+    collapse = outcome([1, 0, 1, 1], 5, 0.5)  # two classes: fails the gate
+    second = outcome([1, 2, 3, 0], 13, 0.0)
+    found = dataclasses.replace(first, candidates=[first, collapse, second])
+    monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: found)
+    seen: list[torch.Tensor] = []
+    real_restamped = pipeline._restamped
+
+    def spy(proxies: ProxySet, *a: object, **k: object) -> ProxySet:
+        assert proxies.extra_triggers is not None
+        seen.append(proxies.extra_triggers[0].clone())
+        return real_restamped(proxies, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "_restamped", spy)
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    small = dict(detect=False, permutation_max_anomaly=None)
+    one = purify(model, _config("cnc", **small), **kw)
+    every = purify(model, _config("cnc", permutation_all_passing=True, **small), **kw)
+    assert [m.shape[0] for m in seen] == [1, 2]
+    assert torch.equal(seen[1][0], first.mask) and torch.equal(seen[1][1], second.mask)
+    assert every.detection["permutation_inversion"]["stamped"] == 2
+    assert "stamped" not in one.detection["permutation_inversion"]
+    page = render_report({"detection": every.detection})
+    assert "The triggers of all 2 restarts that passed are stamped" in page
+    assert not torch.allclose(every.model(x), one.model(x), atol=1e-6)
 
 
 def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
