@@ -131,6 +131,17 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     assert not torch.allclose(kept.model(x), plain.model(x), atol=1e-6)
 
 
+#: Cleaning knobs for the guard tests: a tiny model's round prunes channels and every
+#: guard but the one under test is off.
+LOOSE_CLEANING = dict(
+    detect=False,
+    cleaning_u=0.5,
+    cleaning_max_fraction=0.5,
+    cleaning_min_agreement=0,
+    cleaning_max_flip=None,
+)
+
+
 def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
     """A round after which the re-inverted trigger's mask did not grow enough is undone: the
     same model as no cleaning, the trigger still trusted (best epoch kept), and the report
@@ -138,13 +149,7 @@ def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    loose = dict(
-        detect=False,
-        cleaning_u=0.5,
-        cleaning_max_fraction=0.5,
-        cleaning_min_agreement=0,
-        cleaning_max_flip=None,
-    )
+    loose = LOOSE_CLEANING
     guarded = purify(model, _config("cnc", **loose, cleaning_min_mask_growth=1e9), **kw)
     cleaning = guarded.detection["teacher_cleaning"]
     rnd = cleaning["rounds"][0]
@@ -189,13 +194,7 @@ def test_cleaning_that_hardly_cuts_the_trigger_reach_is_undone() -> None:
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    loose = dict(
-        detect=False,
-        cleaning_u=0.5,
-        cleaning_max_fraction=0.5,
-        cleaning_min_agreement=0,
-        cleaning_max_flip=None,
-    )
+    loose = LOOSE_CLEANING
     # a negative cut lets the reach grow (here it doubles, 0.5 -> 1.0)
     kept = purify(model, _config("cnc", **loose, cleaning_min_reach_cut=-2.0), **kw)
     assert "undone" not in kept.detection["teacher_cleaning"]["rounds"][0]
