@@ -183,10 +183,10 @@ class PurifyConfig:
     # trigger's reach (``flip_before`` -> ``flip_after``) by at least this share of what it
     # was. ``cleaning_max_flip`` cannot see an all-to-all model, where Neural Cleanse's
     # trigger reaches only 0.5-0.6 of the images before any pruning; there a round that
-    # leaves the reach where it was (BadNet all-to-all 0.58 -> 0.55, InputAware all-to-all
-    # 0.49 -> 0.48) looks as if it has pruned clean function only. Measured, not adopted
-    # (session 13, explore-purify.md 4r, 3x): undoing those two rounds (what a cut of 0.25
-    # does there; ``cleaning=false`` gives the same model) costs ASR on both, BadNet
+    # leaves the reach where it was (session 13, seed 0: BadNet all-to-all 0.57 -> 0.53,
+    # InputAware all-to-all 0.51 -> 0.50) looks as if it has pruned clean function only.
+    # Measured, not adopted (explore-purify.md 4r, 3x): undoing those two rounds (what a cut
+    # of 0.25 does there; ``cleaning=false`` gives the same model) costs ASR on both, BadNet
     # all-to-all 85.60 / 13.70 -> 86.70 / 17.50, InputAware all-to-all 87.50 / 1.80 -> 88.05 /
     # 4.95: the pruning helps the student even where the trigger's reach hardly moves.
     # None disables.
