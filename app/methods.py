@@ -61,6 +61,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "inverted_beside_all_to_all",
         "inversion_steps",
         "inversion_use",
+        "joint_batch",
         "kd_weight",
         "lr",
         "num_images",

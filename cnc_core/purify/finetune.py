@@ -110,6 +110,12 @@ class FinetuneConfig:
     # the same held-out score and is kept when it scores at least as well; without, it is
     # the result. 0: off.
     average_from: int = 0
+    # With a ``stamp`` function: run the clean and the stamped images of a step through the
+    # student as ONE batch, so that in BN train mode the stamped images are normalised by
+    # statistics of the mix (as at test time, where the running statistics come from clean +
+    # stamped images, ``recal_stamped``), not by a batch of stamped images alone, whose own
+    # statistics absorb much of a trigger's constant response. False: two forward passes.
+    joint_batch: bool = False
     seed: int = 0
 
 
@@ -279,11 +285,16 @@ class _BNTaps:
             self.student.clear()
         return torch.cat(logits), {n: torch.cat(v) for n, v in maps.items()}
 
-    def loss(self) -> Tensor:
-        """Mean over layers of MSE(student, teacher) / mean(teacher^2), then cleared."""
+    def loss(self, rows: int | None = None) -> Tensor:
+        """Mean over layers of MSE(student, teacher) / mean(teacher^2), then cleared.
+
+        ``rows``: only the first ``rows`` images of the student's batch have a teacher
+        output (the rest of a joint batch, ``FinetuneConfig.joint_batch``, is stamped)."""
         terms = []
         for n in self.names:
             s, t = self.student.get(n), self.teacher.get(n)
+            if s is not None and rows is not None:
+                s = s[:rows]
             if s is None or t is None or s.shape != t.shape:
                 continue
             t = t.detach()
@@ -509,18 +520,29 @@ def finetune(
                     tb = t_logits[idx]
                     if taps is not None and t_maps is not None:
                         taps.teacher.update({n: m[idx] for n, m in t_maps.items()})
-                loss = config.kd_weight * _kd(student(xb), tb, config.temperature)
-                sums["kd"] += float(loss.detach())
-                if taps is not None:
-                    taps.active = False
-                    fl = config.feature_weight * taps.loss()
-                    sums["feature"] += float(fl.detach())
-                    loss = loss + fl
+                xs = None
                 if current_stamp is not None and config.stamp_fraction > 0:
                     k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
                     xs = current_stamp(xb[:k], stamp_gen)
+                n = xb.shape[0]
+                if xs is not None and config.joint_batch:
+                    out = student(torch.cat([xb, xs]))
+                    out_clean, out_stamped = out[:n], out[n:]
+                else:
+                    out_clean, out_stamped = student(xb), None
+                loss = config.kd_weight * _kd(out_clean, tb, config.temperature)
+                sums["kd"] += float(loss.detach())
+                if taps is not None:
+                    taps.active = False
+                    fl = config.feature_weight * taps.loss(rows=n)
+                    sums["feature"] += float(fl.detach())
+                    loss = loss + fl
+                if xs is not None:
+                    k = xs.shape[0]
+                    if out_stamped is None:
+                        out_stamped = student(xs)
                     target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
-                    sl = config.proxy_weight * _proxy_loss(student(xs), target, config.temperature)
+                    sl = config.proxy_weight * _proxy_loss(out_stamped, target, config.temperature)
                     sums["proxy"] += float(sl.detach())
                     loss = loss + sl
                 if p_img is not None and p_lab is not None and p_order is not None:

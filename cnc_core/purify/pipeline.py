@@ -435,6 +435,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "early_stopping": ("finetune", "early_stopping"),
     "patience": ("finetune", "patience"),
     "average_from": ("finetune", "average_from"),
+    "joint_batch": ("finetune", "joint_batch"),
     "sensitivity": ("sensitivity",),  # False/None disables
     "sensitivity_u": ("sensitivity", "u"),
     "sensitivity_action": ("sensitivity", "action"),

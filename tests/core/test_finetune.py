@@ -108,8 +108,10 @@ def test_finetune_cancels_within_one_step() -> None:
     assert len(seen) == 2
 
 
-def test_online_stamp_unlearns_a_planted_shortcut() -> None:
-    """Trained with a stamp, the student gives stamped images the teacher's CLEAN label."""
+@pytest.mark.parametrize("joint", [False, True])
+def test_online_stamp_unlearns_a_planted_shortcut(joint: bool) -> None:
+    """Trained with a stamp, the student gives stamped images the teacher's CLEAN label,
+    whether the stamped images run in their own batch or beside the clean ones."""
     teacher = tiny_net(seed=4)
     student = _damaged_student(teacher)
     clean = _data(96)
@@ -120,7 +122,15 @@ def test_online_stamp_unlearns_a_planted_shortcut() -> None:
         return out
 
     cfg = FinetuneConfig(
-        epochs=6, lr=5e-3, batch_size=32, holdout=0.25, patience=6, augment=True, shift=1
+        epochs=6,
+        lr=5e-3,
+        batch_size=32,
+        holdout=0.25,
+        patience=6,
+        augment=True,
+        shift=1,
+        feature_weight=1.0,
+        joint_batch=joint,
     )
     res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
     assert "proxy_fix" in res.history[-1] and res.history[-1]["proxy"] > 0
@@ -129,6 +139,40 @@ def test_online_stamp_unlearns_a_planted_shortcut() -> None:
     fixed = (student(stamp(probe, gen)).argmax(1) == teacher(probe).argmax(1)).float().mean()
     before = (teacher(stamp(probe, gen)).argmax(1) == teacher(probe).argmax(1)).float().mean()
     assert fixed > 0.5 and fixed > before
+
+
+def test_joint_batch_runs_clean_and_stamped_images_through_one_bn_batch() -> None:
+    """``joint_batch``: one training forward of clean + stamped images per step, so BN batch
+    statistics mix them; off, the stamped images are a batch of their own."""
+    teacher = tiny_net(seed=4)
+    clean = _data(64)
+
+    def stamp(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return torch.full_like(images, 5.0)
+
+    sizes = {}
+    for joint in (False, True):
+        student = _damaged_student(teacher)
+        seen: list[tuple[bool, int]] = []
+        hook = student[1].register_forward_pre_hook(
+            lambda m, inp, seen=seen: seen.append((m.training, inp[0].shape[0]))
+        )
+        cfg = FinetuneConfig(
+            epochs=1,
+            batch_size=16,
+            bn_mode="train",
+            early_stopping=False,
+            recalibrate=False,
+            final_recalibrate=False,
+            feature_weight=1.0,
+            joint_batch=joint,
+        )
+        res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
+        hook.remove()
+        assert res.history[-1]["proxy"] > 0 and res.history[-1]["feature"] > 0
+        sizes[joint] = [n for training, n in seen if training]
+    assert sizes[False] == [16, 8] * 4  # 64 images in batches of 16, half of each stamped
+    assert sizes[True] == [24] * 4
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
