@@ -29,6 +29,7 @@ __all__ = [
     "BN_MODES",
     "OPTIMIZERS",
     "PROXY_LABELS",
+    "STAMPED_BATCHES",
     "FinetuneConfig",
     "FinetuneResult",
     "agreement",
@@ -43,6 +44,8 @@ BN_MODES = ("eval", "train")
 #: ``FinetuneConfig.optimizer`` and ``proxy_labels`` choices.
 OPTIMIZERS = ("adam", "sgd")
 PROXY_LABELS = ("hard", "soft")
+#: ``FinetuneConfig.stamped_batch`` choices: how stamped images meet BN in train mode.
+STAMPED_BATCHES = ("separate", "joint", "both")
 
 #: Largest teacher cache (logits + distilled BN outputs on the fixed training images) kept
 #: in memory instead of running the teacher on every batch: 0.55 GB for 922 images of a
@@ -110,12 +113,15 @@ class FinetuneConfig:
     # the same held-out score and is kept when it scores at least as well; without, it is
     # the result. 0: off.
     average_from: int = 0
-    # With a ``stamp`` function: run the clean and the stamped images of a step through the
-    # student as ONE batch, so that in BN train mode the stamped images are normalised by
-    # statistics of the mix (as at test time, where the running statistics come from clean +
-    # stamped images, ``recal_stamped``), not by a batch of stamped images alone, whose own
-    # statistics absorb much of a trigger's constant response. False: two forward passes.
-    joint_batch: bool = False
+    # With a ``stamp`` function, how a step's stamped images go through the student:
+    # "separate", a forward pass of their own after the clean batch's, so in BN train mode
+    # they are normalised by the statistics of stamped images alone (which absorb much of a
+    # trigger's constant response, and shift every layer's statistics away from the clean
+    # ones); "joint", one forward pass of clean + stamped images, normalised by the mix's
+    # statistics as at test time (running statistics of clean + stamped images,
+    # ``recal_stamped``); "both": the stamped images in both passes, the proxy loss the mean
+    # of the two (one more forward pass of the stamped share).
+    stamped_batch: str = "separate"
     seed: int = 0
 
 
@@ -391,6 +397,10 @@ def finetune(
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
+    if config.stamped_batch not in STAMPED_BATCHES:
+        raise ValueError(
+            f"stamped_batch must be one of {STAMPED_BATCHES}, not {config.stamped_batch!r}"
+        )
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
@@ -525,11 +535,12 @@ def finetune(
                     k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
                     xs = current_stamp(xb[:k], stamp_gen)
                 n = xb.shape[0]
-                if xs is not None and config.joint_batch:
+                out_joint = None
+                if xs is not None and config.stamped_batch != "separate":
                     out = student(torch.cat([xb, xs]))
-                    out_clean, out_stamped = out[:n], out[n:]
+                    out_clean, out_joint = out[:n], out[n:]
                 else:
-                    out_clean, out_stamped = student(xb), None
+                    out_clean = student(xb)
                 loss = config.kd_weight * _kd(out_clean, tb, config.temperature)
                 sums["kd"] += float(loss.detach())
                 if taps is not None:
@@ -539,10 +550,16 @@ def finetune(
                     loss = loss + fl
                 if xs is not None:
                     k = xs.shape[0]
-                    if out_stamped is None:
-                        out_stamped = student(xs)
                     target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
-                    sl = config.proxy_weight * _proxy_loss(out_stamped, target, config.temperature)
+                    outs = [out_joint] if out_joint is not None else []
+                    if config.stamped_batch != "joint":
+                        outs.append(student(xs))
+                    sl = (
+                        config.proxy_weight
+                        * torch.stack(
+                            [_proxy_loss(o, target, config.temperature) for o in outs]
+                        ).mean()
+                    )
                     sums["proxy"] += float(sl.detach())
                     loss = loss + sl
                 if p_img is not None and p_lab is not None and p_order is not None:

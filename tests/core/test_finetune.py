@@ -108,10 +108,10 @@ def test_finetune_cancels_within_one_step() -> None:
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize("joint", [False, True])
-def test_online_stamp_unlearns_a_planted_shortcut(joint: bool) -> None:
+@pytest.mark.parametrize("stamped_batch", ["separate", "joint", "both"])
+def test_online_stamp_unlearns_a_planted_shortcut(stamped_batch: str) -> None:
     """Trained with a stamp, the student gives stamped images the teacher's CLEAN label,
-    whether the stamped images run in their own batch or beside the clean ones."""
+    whether the stamped images run in their own batch, beside the clean ones or both."""
     teacher = tiny_net(seed=4)
     student = _damaged_student(teacher)
     clean = _data(96)
@@ -130,7 +130,7 @@ def test_online_stamp_unlearns_a_planted_shortcut(joint: bool) -> None:
         augment=True,
         shift=1,
         feature_weight=1.0,
-        joint_batch=joint,
+        stamped_batch=stamped_batch,
     )
     res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
     assert "proxy_fix" in res.history[-1] and res.history[-1]["proxy"] > 0
@@ -141,9 +141,10 @@ def test_online_stamp_unlearns_a_planted_shortcut(joint: bool) -> None:
     assert fixed > 0.5 and fixed > before
 
 
-def test_joint_batch_runs_clean_and_stamped_images_through_one_bn_batch() -> None:
-    """``joint_batch``: one training forward of clean + stamped images per step, so BN batch
-    statistics mix them; off, the stamped images are a batch of their own."""
+def test_stamped_batch_decides_which_bn_batches_the_stamped_images_join() -> None:
+    """``stamped_batch``: "joint", one training forward of clean + stamped images per step,
+    so BN batch statistics mix them; "separate", the stamped images are a batch of their
+    own; "both", the two."""
     teacher = tiny_net(seed=4)
     clean = _data(64)
 
@@ -151,7 +152,7 @@ def test_joint_batch_runs_clean_and_stamped_images_through_one_bn_batch() -> Non
         return torch.full_like(images, 5.0)
 
     sizes = {}
-    for joint in (False, True):
+    for mode in ("separate", "joint", "both"):
         student = _damaged_student(teacher)
         seen: list[tuple[bool, int]] = []
         hook = student[1].register_forward_pre_hook(
@@ -165,14 +166,17 @@ def test_joint_batch_runs_clean_and_stamped_images_through_one_bn_batch() -> Non
             recalibrate=False,
             final_recalibrate=False,
             feature_weight=1.0,
-            joint_batch=joint,
+            stamped_batch=mode,
         )
         res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
         hook.remove()
         assert res.history[-1]["proxy"] > 0 and res.history[-1]["feature"] > 0
-        sizes[joint] = [n for training, n in seen if training]
-    assert sizes[False] == [16, 8] * 4  # 64 images in batches of 16, half of each stamped
-    assert sizes[True] == [24] * 4
+        sizes[mode] = [n for training, n in seen if training]
+    assert sizes["separate"] == [16, 8] * 4  # 64 images in batches of 16, half stamped
+    assert sizes["joint"] == [24] * 4
+    assert sizes["both"] == [24, 8] * 4
+    with pytest.raises(ValueError, match="stamped_batch"):
+        finetune(student, teacher, clean, None, None, FinetuneConfig(stamped_batch="mixed"))
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
