@@ -295,7 +295,7 @@ class _BNTaps:
         """Mean over layers of MSE(student, teacher) / mean(teacher^2), then cleared.
 
         ``rows``: only the first ``rows`` images of the student's batch have a teacher
-        output (the rest of a joint batch, ``FinetuneConfig.joint_batch``, is stamped)."""
+        output (the rest of a joint batch, ``FinetuneConfig.stamped_batch``, is stamped)."""
         terms = []
         for n in self.names:
             s, t = self.student.get(n), self.teacher.get(n)
