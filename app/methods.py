@@ -29,6 +29,8 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "scaling",
         "t_scale",
         # purification (cnc_core.purify.pipeline.KNOBS)
+        "all_to_all_batch",
+        "all_to_all_weight",
         "allocation_spectra",
         "augment",
         "average_from",
@@ -124,6 +126,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "sgd"),
     "proxy_labels": ("hard", "soft"),
     "stamped_batch": ("separate", "joint", "both"),
+    "all_to_all_batch": ("separate", "joint", "both"),
     "sensitivity_action": ("prune", "scale"),
     "blend_proxy": ("none", "mean_diff", "noise", "both"),
     "refit_weighting": ("rms", "none"),

@@ -180,6 +180,13 @@ def _detection(report: dict[str, Any]) -> list[str]:
         ]
     if "finetune_selection" in det:
         lines += [f"Fine-tuning kept the {det['finetune_selection']}.", ""]
+    apart = det.get("all_to_all_stamp")
+    if apart:
+        lines += [
+            "The all-to-all trigger was unlearnt apart from the inverted ones: half the "
+            f"stamped images, in the {apart['batch']} batch mode, at weight {apart['weight']:g}.",
+            "",
+        ]
     if "sensitivity_suppressed" in det:
         lines += [
             f"Rank sensitivity: {det['sensitivity_suppressed']} rank components that respond "

@@ -16,6 +16,7 @@ gives the proxy its clean label); the best epoch by their sum is restored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,6 +123,14 @@ class FinetuneConfig:
     # ``recal_stamped``); "both": the stamped images in both passes, the proxy loss the mean
     # of the two (one more forward pass of the stamped share).
     stamped_batch: str = "separate"
+    # With an ``all_to_all_stamp`` (the permutation or dynamic trigger, kept apart from the
+    # others by the pipeline when either setting below is given): the stamped images are
+    # split in two halves, the second stamped with the all-to-all trigger, going through
+    # the student as ``all_to_all_batch`` says (None: as ``stamped_batch``) and unlearnt at
+    # ``all_to_all_weight`` (None: ``proxy_weight``); each half's loss counts by its share
+    # of the stamped images, so equal settings weigh as one mixed batch does.
+    all_to_all_batch: str | None = None
+    all_to_all_weight: float | None = None
     seed: int = 0
 
 
@@ -360,6 +369,7 @@ def finetune(
     refresh: RefreshFn | None = None,
     stamp: StampFn | None = None,
     refresh_stamp: StampRefreshFn | None = None,
+    all_to_all_stamp: StampFn | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (in place) towards ``teacher`` on synthetic data, unlearning proxies.
 
@@ -386,6 +396,10 @@ def finetune(
     refresh_stamp : callable, optional
         ``refresh_stamp(student, epoch) -> stamp`` replaces ``stamp`` every
         ``config.refresh_every`` epochs (e.g. the trigger re-inverted on the student).
+    all_to_all_stamp : callable, optional
+        A second stamp, given half of the stamped images (and of the held-out and
+        recalibration ones), with its own batch mode and weight
+        (``config.all_to_all_batch``, ``config.all_to_all_weight``); not refreshed.
 
     Returns
     -------
@@ -397,10 +411,14 @@ def finetune(
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
-    if config.stamped_batch not in STAMPED_BATCHES:
-        raise ValueError(
-            f"stamped_batch must be one of {STAMPED_BATCHES}, not {config.stamped_batch!r}"
-        )
+    for knob in ("stamped_batch", "all_to_all_batch"):
+        value = getattr(config, knob)
+        if value not in STAMPED_BATCHES and (knob == "stamped_batch" or value is not None):
+            raise ValueError(f"{knob} must be one of {STAMPED_BATCHES}, not {value!r}")
+    a2a_batch = config.all_to_all_batch or config.stamped_batch
+    a2a_weight = (
+        config.proxy_weight if config.all_to_all_weight is None else config.all_to_all_weight
+    )
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
@@ -420,10 +438,30 @@ def finetune(
     t_logits = t_maps = None
     current_stamp = stamp
     stamp_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+
+    def stamp_groups(n: int) -> list[_StampGroup]:
+        """Who stamps which of ``n`` images: the first stamp, then the all-to-all one on the
+        second half (all ``n`` when only one of them is given)."""
+        first = second = None
+        if current_stamp is not None:
+            first = _StampGroup(current_stamp, 0, n, config.stamped_batch, config.proxy_weight)
+        if all_to_all_stamp is not None:
+            second = _StampGroup(all_to_all_stamp, 0, n, a2a_batch, a2a_weight)
+        if first is None or second is None:
+            return [g for g in (first, second) if g is not None]
+        cut = n - n // 2
+        if cut == n:  # one image: the first stamp's
+            return [first]
+        return [dataclasses.replace(first, stop=cut), dataclasses.replace(second, start=cut)]
+
+    def stamped(images: Tensor, groups: list[_StampGroup], g: torch.Generator) -> Tensor:
+        return torch.cat([grp.stamp(images[grp.start : grp.stop], g) for grp in groups])
+
     ho_stamped = ho_stamp_labels = None
-    if stamp is not None and clean_ho.shape[0]:
-        # held-out proxies for the criterion, made once with the first trigger
-        ho_stamped = stamp(clean_ho, torch.Generator(device="cpu").manual_seed(config.seed + 2))
+    if (stamp is not None or all_to_all_stamp is not None) and clean_ho.shape[0]:
+        # held-out proxies for the criterion, made once with the first trigger(s)
+        ho_gen = torch.Generator(device="cpu").manual_seed(config.seed + 2)
+        ho_stamped = stamped(clean_ho, stamp_groups(clean_ho.shape[0]), ho_gen)
         ho_stamp_labels = _logits(teacher, clean_ho).argmax(1)
     has_proxy = proxy_images is not None and proxy_labels is not None
     p_img = p_lab = p_ho = p_ho_lab = None
@@ -437,12 +475,12 @@ def finetune(
 
     def recal_images() -> Tensor:
         """The clean synthetic images, plus stamped copies of a fixed share of them."""
-        if current_stamp is None or config.recal_stamped <= 0:
+        if (current_stamp is None and all_to_all_stamp is None) or config.recal_stamped <= 0:
             return clean
         g = torch.Generator(device="cpu").manual_seed(config.seed + 3)
         k = min(clean.shape[0], max(1, int(round(config.recal_stamped * clean.shape[0]))))
         pick = torch.randperm(clean.shape[0], generator=g)[:k].to(device)
-        mixed = torch.cat([clean, current_stamp(clean[pick], g)])
+        mixed = torch.cat([clean, stamped(clean[pick], stamp_groups(k), g)])
         return mixed[torch.randperm(mixed.shape[0], generator=g).to(device)]
 
     if config.recalibrate:
@@ -530,14 +568,17 @@ def finetune(
                     tb = t_logits[idx]
                     if taps is not None and t_maps is not None:
                         taps.teacher.update({n: m[idx] for n, m in t_maps.items()})
-                xs = None
-                if current_stamp is not None and config.stamp_fraction > 0:
-                    k = max(1, int(round(config.stamp_fraction * xb.shape[0])))
-                    xs = current_stamp(xb[:k], stamp_gen)
                 n = xb.shape[0]
+                groups: list[_StampGroup] = []
+                if config.stamp_fraction > 0:
+                    groups = stamp_groups(max(1, int(round(config.stamp_fraction * n))))
+                # each group's stamped images, then the ones that join the clean batch
+                xs = [grp.stamp(xb[grp.start : grp.stop], stamp_gen) for grp in groups]
+                in_joint = [x for x, grp in zip(xs, groups, strict=True) if grp.batch != "separate"]
+                in_own = [x for x, grp in zip(xs, groups, strict=True) if grp.batch != "joint"]
                 out_joint = None
-                if xs is not None and config.stamped_batch != "separate":
-                    out = student(torch.cat([xb, xs]))
+                if in_joint:
+                    out = student(torch.cat([xb, *in_joint]))
                     out_clean, out_joint = out[:n], out[n:]
                 else:
                     out_clean = student(xb)
@@ -548,18 +589,10 @@ def finetune(
                     fl = config.feature_weight * taps.loss(rows=n)
                     sums["feature"] += float(fl.detach())
                     loss = loss + fl
-                if xs is not None:
-                    k = xs.shape[0]
-                    target = tb[:k].argmax(1) if config.proxy_labels == "hard" else tb[:k]
-                    outs = [out_joint] if out_joint is not None else []
-                    if config.stamped_batch != "joint":
-                        outs.append(student(xs))
-                    sl = (
-                        config.proxy_weight
-                        * torch.stack(
-                            [_proxy_loss(o, target, config.temperature) for o in outs]
-                        ).mean()
-                    )
+                if groups:
+                    out_own = student(torch.cat(in_own)) if in_own else None
+                    k = groups[-1].stop
+                    sl = _stamped_loss(groups, out_joint, out_own, tb, k, config)
                     sums["proxy"] += float(sl.detach())
                     loss = loss + sl
                 if p_img is not None and p_lab is not None and p_order is not None:
@@ -617,6 +650,54 @@ def finetune(
         student.load_state_dict(best_state)
     student.eval()
     return result
+
+
+@dataclass(frozen=True)
+class _StampGroup:
+    """A stamp applied to images ``start:stop`` of a step's stamped share, their batch mode
+    (``FinetuneConfig.stamped_batch``) and unlearning weight."""
+
+    stamp: StampFn
+    start: int
+    stop: int
+    batch: str
+    weight: float
+
+
+def _stamped_loss(
+    groups: list[_StampGroup],
+    out_joint: Tensor | None,
+    out_own: Tensor | None,
+    teacher_logits: Tensor,
+    k: int,
+    config: FinetuneConfig,
+) -> Tensor:
+    """The unlearning loss of a step's stamped images: per group, the mean over the passes it
+    went through (the joint batch's tail, its own batch), times its weight and its share of
+    the ``k`` stamped images. ``out_joint`` / ``out_own`` hold the groups in order, each
+    only those of its pass."""
+    total: Tensor | None = None
+    at_joint = at_own = 0
+    for grp in groups:
+        size = grp.stop - grp.start
+        labels = teacher_logits[grp.start : grp.stop]
+        target = labels.argmax(1) if config.proxy_labels == "hard" else labels
+        outs = []
+        if grp.batch != "separate" and out_joint is not None:
+            outs.append(out_joint[at_joint : at_joint + size])
+            at_joint += size
+        if grp.batch != "joint" and out_own is not None:
+            outs.append(out_own[at_own : at_own + size])
+            at_own += size
+        term = (
+            grp.weight
+            * torch.stack([_proxy_loss(o, target, config.temperature) for o in outs]).mean()
+        )
+        if len(groups) > 1:
+            term = term * (size / k)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
 
 
 class _WeightAverage:

@@ -437,6 +437,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "patience": ("finetune", "patience"),
     "average_from": ("finetune", "average_from"),
     "stamped_batch": ("finetune", "stamped_batch"),
+    "all_to_all_batch": ("finetune", "all_to_all_batch"),
+    "all_to_all_weight": ("finetune", "all_to_all_weight"),
     "sensitivity": ("sensitivity",),  # False/None disables
     "sensitivity_u": ("sensitivity", "u"),
     "sensitivity_action": ("sensitivity", "action"),
@@ -501,6 +503,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "proxy_labels": PROXY_LABELS,
     "stamped_batch": STAMPED_BATCHES,
+    "all_to_all_batch": STAMPED_BATCHES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -911,13 +914,24 @@ def purify(
         if best_epoch
         else "last epoch" + (" (inverted trigger untrusted)" if trigger_untrusted else "")
     )
-    stamp = _stamp_of(config, proxies, mean, std) if config.online_proxies else None
+    stamp = a2a_stamp = None
+    if config.online_proxies:
+        stamp, a2a_stamp = _finetune_stamps(config, proxies, mean, std)
+    if a2a_stamp is not None:
+        detection["all_to_all_stamp"] = {
+            "batch": ft_cfg.all_to_all_batch or ft_cfg.stamped_batch,
+            "weight": (
+                ft_cfg.proxy_weight
+                if ft_cfg.all_to_all_weight is None
+                else ft_cfg.all_to_all_weight
+            ),
+        }
     blend = None
-    if config.blend_proxy != "none" and stamp is not None:
+    if config.blend_proxy != "none" and (stamp is not None or a2a_stamp is not None):
         blend, detection["blend_proxy"] = _blend_stamp(
             config, teacher, clean, proxies.suspected_target, mean, std, num_classes
         )
-        stamp = mixed_stamp([stamp, blend]) if blend is not None else stamp
+        stamp = mixed_stamp([s for s in (stamp, blend) if s is not None])
     with plan.stage("finetune"):
         ft_images = clean
         if config.drop_disputed and kd_teacher is not teacher:
@@ -926,7 +940,7 @@ def purify(
             detection["disputed_dropped"] = int(disputed.sum())
         if target_extra is not None:
             ft_images = torch.cat([ft_images, target_extra])
-        if stamp is not None:
+        if stamp is not None or a2a_stamp is not None:
             # input-agnostic proxies: stamped on the fly on augmented clean batches
             refresh_stamp = None
             if config.refresh_every > 0 and proxies.inversion is not None:
@@ -943,6 +957,7 @@ def purify(
                 progress=plan.nested("finetune"),
                 stamp=stamp,
                 refresh_stamp=refresh_stamp,
+                all_to_all_stamp=a2a_stamp,
             )
         else:
             refresh = None
@@ -1306,6 +1321,39 @@ def _stamp_of(
     return None
 
 
+def _splits_all_to_all(config: PurifyConfig) -> bool:
+    """Whether fine-tuning stamps the all-to-all triggers apart from the others
+    (``FinetuneConfig.all_to_all_batch`` or ``all_to_all_weight`` given)."""
+    ft = config.finetune
+    return ft.all_to_all_batch is not None or ft.all_to_all_weight is not None
+
+
+def _finetune_stamps(
+    config: PurifyConfig,
+    proxies: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> tuple[StampFn | None, StampFn | None]:
+    """The stamps fine-tuning unlearns: ``(_stamp_of(...), None)``, or where
+    :func:`_splits_all_to_all`, the inverted per-class triggers and the all-to-all ones
+    (permutation, dynamic) that passed their gates as two stamps."""
+    if not _splits_all_to_all(config) or proxies.inversion is None:
+        return _stamp_of(config, proxies, mean, std), None
+    masks, patterns = _stamped_triggers(config, proxies)
+    n_inv = masks.shape[0] - _num_permutation_triggers(proxies)
+    inverted = None
+    if n_inv:
+        inverted = trigger_stamp(masks[:n_inv], patterns[:n_inv], mean=mean, std=std)
+    a2a = None
+    if n_inv < masks.shape[0] or proxies.dynamic_generator is not None:
+        a2a = _with_dynamic(masks[n_inv:], patterns[n_inv:], proxies, mean, std)
+    return inverted, a2a
+
+
+def _num_permutation_triggers(proxies: ProxySet) -> int:
+    return 0 if proxies.extra_triggers is None else int(proxies.extra_triggers[0].shape[0])
+
+
 def _with_dynamic(
     masks: Tensor,
     patterns: Tensor,
@@ -1398,6 +1446,10 @@ def _stamp_refresher(
     assert first.inversion is not None
     target = first.inversion.suspected_target
     masks0, patterns0 = _stamped_triggers(config, first)
+    if _splits_all_to_all(config):  # the all-to-all triggers are stamped apart, unchanged
+        n_inv = masks0.shape[0] - _num_permutation_triggers(first)
+        masks0, patterns0 = masks0[:n_inv], patterns0[:n_inv]
+        first = dataclasses.replace(first, dynamic_generator=None)
     masks, patterns = [masks0], [patterns0]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
 

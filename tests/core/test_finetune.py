@@ -179,6 +179,84 @@ def test_stamped_batch_decides_which_bn_batches_the_stamped_images_join() -> Non
         finetune(student, teacher, clean, None, None, FinetuneConfig(stamped_batch="mixed"))
 
 
+def test_all_to_all_stamp_takes_half_the_stamped_images_in_its_own_batch_mode() -> None:
+    """With an ``all_to_all_stamp``, the stamped share is halved between the two stamps; the
+    all-to-all half goes through the student as ``all_to_all_batch`` says, the other as
+    ``stamped_batch``; the held-out and recalibration images are split the same way."""
+    teacher = tiny_net(seed=4)
+    clean = _data(64)
+    calls: dict[str, list[int]] = {"first": [], "a2a": []}
+
+    def stamp_as(name: str, value: float):  # noqa: ANN202 - a StampFn
+        def stamp(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            calls[name].append(images.shape[0])
+            return torch.full_like(images, value)
+
+        return stamp
+
+    student = _damaged_student(teacher)
+    seen: list[tuple[bool, int]] = []
+    hook = student[1].register_forward_pre_hook(
+        lambda m, inp: seen.append((m.training, inp[0].shape[0]))
+    )
+    cfg = FinetuneConfig(
+        epochs=1,
+        batch_size=16,
+        bn_mode="train",
+        early_stopping=False,
+        recalibrate=True,
+        final_recalibrate=False,
+        recal_stamped=0.25,
+        feature_weight=1.0,
+        stamped_batch="separate",
+        all_to_all_batch="joint",
+    )
+    res = finetune(
+        student,
+        teacher,
+        clean,
+        None,
+        None,
+        cfg,
+        stamp=stamp_as("first", 5.0),
+        all_to_all_stamp=stamp_as("a2a", -5.0),
+    )
+    hook.remove()
+    assert res.history[-1]["proxy"] > 0
+    # recalibration: 16 stamped copies, 8 each; then 4 steps of 16 clean + 8 stamped
+    assert calls["first"] == [8] + [4] * 4 and calls["a2a"] == [8] + [4] * 4
+    assert [n for training, n in seen if training][-8:] == [20, 4] * 4
+    with pytest.raises(ValueError, match="all_to_all_batch"):
+        finetune(student, teacher, clean, None, None, FinetuneConfig(all_to_all_batch="mixed"))
+
+
+def test_stamped_loss_weighs_each_half_by_its_weight_and_share() -> None:
+    """``_stamped_loss``: per stamp, the mean over the passes its images went through, times
+    its weight and its share of the stamped images."""
+    from cnc_core.purify.finetune import _proxy_loss, _stamped_loss, _StampGroup
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(6, 4, generator=g)
+    joint, own = torch.randn(2, 4, generator=g), torch.randn(6, 4, generator=g)
+
+    def noop(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+        return x
+
+    groups = [_StampGroup(noop, 0, 4, "separate", 2.0), _StampGroup(noop, 4, 6, "both", 5.0)]
+    cfg = FinetuneConfig()
+    labels = teacher_logits.argmax(1)
+
+    def ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _proxy_loss(o, y, cfg.temperature)
+
+    expected = (
+        2.0 * ce(own[:4], labels[:4]) * 4 / 6
+        + 5.0 * ((ce(joint, labels[4:]) + ce(own[4:], labels[4:])) / 2) * 2 / 6
+    )
+    got = _stamped_loss(groups, joint, own, teacher_logits, 6, cfg)
+    assert torch.allclose(got, expected)
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_recal_stamped_puts_stamped_copies_into_the_bn_statistics(share: float) -> None:
     """With ``recal_stamped`` the BN running mean is that of the clean images plus stamped

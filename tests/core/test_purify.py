@@ -460,6 +460,55 @@ def test_permutation_all_passing_stamps_every_restart_that_passed(
     assert not torch.allclose(every.model(x), one.model(x), atol=1e-6)
 
 
+def test_all_to_all_knobs_stamp_the_permutation_trigger_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``all_to_all_batch`` / ``all_to_all_weight``: fine-tuning gets the permutation trigger
+    as a stamp of its own and the inverted triggers as the other; without them, one stamp
+    mixes both. The detection record and the report say how the trigger was unlearnt."""
+    import cnc_core.purify.pipeline as pipeline
+    from cnc_core.purify.permutation import PermutationInversionResult
+
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :3, :3] = 1.0
+    perm = PermutationInversionResult(
+        mask=mask,
+        pattern=torch.ones(3, 16, 16),
+        mask_norm=9.0,
+        flip_rate=0.8,
+        mutual_information=0.5,
+        top_share=0.3,
+        mapping=[1, 2, 3, 0],
+    )
+    monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: perm)
+    stamps: list[dict[str, object]] = []
+    real_finetune = pipeline.finetune
+
+    def spy(*a: object, **k: object) -> object:
+        stamps.append({"first": k.get("stamp"), "a2a": k.get("all_to_all_stamp")})
+        return real_finetune(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "finetune", spy)
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    small = dict(detect=False, permutation_max_anomaly=None, dynamic=False)
+    mixed = purify(model, _config("cnc", **small), **kw)
+    apart = purify(
+        model, _config("cnc", all_to_all_batch="joint", all_to_all_weight=4.0, **small), **kw
+    )
+    assert stamps[0]["a2a"] is None and "all_to_all_stamp" not in mixed.detection
+    assert apart.detection["all_to_all_stamp"] == {"batch": "joint", "weight": 4.0}
+    assert "in the joint batch mode, at weight 4" in render_report({"detection": apart.detection})
+    # the permutation trigger (the top-left corner at the pattern's 1.0) is the second
+    # stamp's alone; the first stamps the inverted trigger, which does not set that corner
+    first, a2a = stamps[1]["first"], stamps[1]["a2a"]
+    assert callable(first) and callable(a2a)
+    blank = torch.full((4, 3, 16, 16), -2.0)  # normalised 0.0
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(a2a(blank, gen)[:, :, :3, :3], torch.full((4, 3, 3, 3), 2.0))
+    assert not torch.allclose(first(blank, gen)[:, :, :3, :3], torch.full((4, 3, 3, 3), 2.0))
+
+
 def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     """The dynamic trigger search runs in its own timed stage where no all-to-one target was
     named and no one-pattern permutation trigger is used; past the gate it changes the
