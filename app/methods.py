@@ -87,6 +87,8 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_any_restart",
         "permutation_all_passing",
         "permutation_information",
+        "permutation_blend_restarts",
+        "permutation_blend_alpha",
         "permutation_max_anomaly",
         "dynamic",
         "dynamic_steps",

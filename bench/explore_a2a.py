@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mi-weight", type=float, default=1.0)
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--information", default="full", help="one-pattern search: full or away")
+    p.add_argument(
+        "--blend-restarts", type=int, default=0, help="one-pattern search: whole-image blends"
+    )
+    p.add_argument("--blend-alpha", type=float, default=0.2)
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -105,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         found: PermutationInversionResult | DynamicInversionResult = dyn
     else:
         cfg = PermutationInversionConfig(
-            **common, restarts=args.restarts, information=args.information
+            **common,
+            restarts=args.restarts,
+            information=args.information,
+            blend_restarts=args.blend_restarts,
+            blend_alpha=args.blend_alpha,
         )
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
         found = inv
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     "flip_rate": round(cand.flip_rate, 3),
                     "targets": len({t for t in cand.mapping if t >= 0}),
                     "mapping": cand.mapping,
+                    "blend": cand.blend,
                     "real_to_y_plus_1": round(
                         float((moved[ok] == (yc[ok] + 1) % 10).float().mean()), 3
                     ),

@@ -310,6 +310,8 @@ def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> li
     )
     if record.get("stamped", 1) > 1:
         which += f" The triggers of all {record['stamped']} restarts that passed are stamped."
+    if record.get("blend"):
+        which += " It is a whole-image blend (a restart with a fixed blend mask)."
     return [
         f"{name}: {what} {record['mask_norm']:.1f}, it moved {_pct(record['flip_rate'])} of "
         f"the synthetic images, at most {_pct(record['top_share'])} of them to one class; "

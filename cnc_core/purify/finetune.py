@@ -411,10 +411,15 @@ def finetune(
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
-    for knob in ("stamped_batch", "all_to_all_batch"):
-        value = getattr(config, knob)
-        if value not in STAMPED_BATCHES and (knob == "stamped_batch" or value is not None):
-            raise ValueError(f"{knob} must be one of {STAMPED_BATCHES}, not {value!r}")
+    if config.stamped_batch not in STAMPED_BATCHES:
+        raise ValueError(
+            f"stamped_batch must be one of {STAMPED_BATCHES}, not {config.stamped_batch!r}"
+        )
+    if config.all_to_all_batch not in (None, *STAMPED_BATCHES):
+        raise ValueError(
+            f"all_to_all_batch must be None or one of {STAMPED_BATCHES}, "
+            f"not {config.all_to_all_batch!r}"
+        )
     a2a_batch = config.all_to_all_batch or config.stamped_batch
     a2a_weight = (
         config.proxy_weight if config.all_to_all_weight is None else config.all_to_all_weight

@@ -71,6 +71,13 @@ class PermutationInversionConfig:
     # well); "away", q with the source class taken out and renormalised, as the dynamic
     # search measures it (where images go once they leave)
     information: str = "full"
+    # Restarts beside those whose mask is a whole-image blend at ``blend_alpha`` instead of
+    # a learned mask, the pattern learned alone: a proxy for all-to-all *blended* triggers
+    # (BackdoorBench's blend, alpha 0.2), which no small mask reproduces. Gated and ranked
+    # with the others (their L1 term is the constant ``alpha * H * W``, so a sparse restart
+    # that passes ranks first). 0: none.
+    blend_restarts: int = 0
+    blend_alpha: float = 0.2
 
 
 @dataclass
@@ -84,6 +91,7 @@ class PermutationInversionResult:
     mutual_information: float  # I(y; y') in nats, hard predictions
     top_share: float  # largest share of flipped images that land in one class
     mapping: list[int]  # most common stamped prediction per source class (-1: no images)
+    blend: bool = False  # a whole-image blend restart (``blend_restarts``), mask fixed
     # every restart's own result (this one included), best final objective first: the
     # objective favours triggers that move few images (staying put is information too), so
     # a caller may prefer another restart by what it does (``PurifyConfig``'s gate does)
@@ -147,16 +155,22 @@ def permutation_inversion(
     s = to_tensor_stats(std, c, device)
     clean = predict(model, images)
     num_classes = _num_outputs(model, images)
-    r = config.restarts
-    mask_raw = torch.full((r, 1, h, w), -2.0, device=device, requires_grad=True)
+    r = config.restarts + config.blend_restarts
+    mask_raw = torch.full((config.restarts, 1, h, w), -2.0, device=device, requires_grad=True)
+    blend_mask = torch.full((config.blend_restarts, 1, h, w), config.blend_alpha, device=device)
     pattern_raw = ((torch.rand(r, c, h, w, generator=gen) * 4 - 2).to(device)).requires_grad_(True)
+
+    def masks() -> Tensor:
+        """Every restart's mask: the learned ones, then the fixed blends."""
+        return torch.cat([torch.sigmoid(mask_raw), blend_mask])
+
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=(0.5, 0.9))
     report = _reporter(progress, stage)
 
     def objective(idx: Tensor) -> Tensor:
         """Per-restart loss on the images ``idx`` (shape ``(r,)``)."""
         pix = images[idx] * s + m
-        mask = torch.sigmoid(mask_raw)
+        mask = masks()
         pattern = torch.sigmoid(pattern_raw)
         stamped = (1 - mask[:, None]) * pix[None] + (mask * pattern)[:, None]
         n = idx.numel()
@@ -191,7 +205,7 @@ def permutation_inversion(
             order = objective(idx).argsort().tolist()
             candidates = []
             for k in order:
-                mask = torch.sigmoid(mask_raw[k]).detach()
+                mask = masks()[k].detach()
                 pattern = torch.sigmoid(pattern_raw[k]).detach()
                 stamped = predict(model, apply_trigger(images, mask, pattern, mean=mean, std=std))
                 flip, mi, top, mapping = _hard_statistics(clean, stamped, num_classes)
@@ -204,6 +218,7 @@ def permutation_inversion(
                         mutual_information=mi,
                         top_share=top,
                         mapping=mapping,
+                        blend=k >= config.restarts,
                     )
                 )
     report(1.0)

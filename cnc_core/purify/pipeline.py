@@ -482,6 +482,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_information": ("permutation", "information"),
+    "permutation_blend_restarts": ("permutation", "blend_restarts"),
+    "permutation_blend_alpha": ("permutation", "blend_alpha"),
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "permutation_max_anomaly": ("permutation_max_anomaly",),
@@ -1230,8 +1232,10 @@ def _add_permutation_trigger(
     # every restart's outcome, best objective first, and which one was taken
     record["restart"] = chosen
     record["restarts"] = [
-        {k: r[k] for k in ("flip_rate", "targets", "mapping", "used")} for r in records
+        {k: r[k] for k in ("flip_rate", "targets", "mapping", "used")} | {"blend": c.blend}
+        for c, r in zip(candidates, records, strict=True)
     ]
+    record["blend"] = perm.blend
     out = dataclasses.replace(proxies, permutation_record=record)
     if not record["used"]:
         return out

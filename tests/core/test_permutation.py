@@ -27,6 +27,20 @@ def all2all_tiny(poison: bool = True) -> nn.Module:
     return poisoned_tiny(relabel, share=0.2 if poison else 0.0, steps=800)
 
 
+BLEND = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(77))
+
+
+def blend(x: torch.Tensor) -> torch.Tensor:
+    """Blended-style trigger: a fixed noise image blended over the whole image at 0.2."""
+    return 0.8 * x + 0.2 * BLEND
+
+
+@functools.cache
+def blend_all2all_tiny() -> nn.Module:
+    relabel = lambda y: (y + 1) % NUM_CLASSES  # noqa: E731
+    return poisoned_tiny(relabel, share=0.2, steps=800, trigger=blend)
+
+
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     m, s = _stats()
@@ -104,3 +118,25 @@ def test_information_away_from_the_source_also_finds_the_trigger(
         permutation_inversion(
             a2a_net, images, dataclasses.replace(CFG, information="x"), mean=MEAN, std=STD
         )
+
+
+def test_blend_restarts_find_a_whole_image_all_to_all_blend(images: torch.Tensor) -> None:
+    """``blend_restarts``: restarts whose mask is a fixed whole-image blend, the pattern
+    learned, find an all-to-all blended trigger's mapping; they are reported as blends,
+    after the learned-mask restarts in the random draws."""
+    net = blend_all2all_tiny()
+    m, s = _stats()
+    x, y = make_task(300, seed=99)
+    assert (predict(net, (blend(x) - m) / s) == (y + 1) % NUM_CLASSES).float().mean() > 0.8
+    cfg = dataclasses.replace(CFG, restarts=1, blend_restarts=1)
+    inv = permutation_inversion(net, images, cfg, mean=MEAN, std=STD)
+    blends = [c for c in inv.candidates if c.blend]
+    assert len(blends) == 1 and len(inv.candidates) == 2
+    found = blends[0]
+    assert torch.allclose(found.mask, torch.full_like(found.mask, 0.2))
+    assert found.mask_norm == pytest.approx(0.2 * 8 * 8)
+    right = sum(found.mapping[c] == (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES))
+    assert right >= NUM_CLASSES - 1 and found.flip_rate > 0.5
+    # with no blend restart, every candidate's mask is learned
+    plain = permutation_inversion(net, images, dataclasses.replace(CFG, restarts=1))
+    assert not any(c.blend for c in plain.candidates)

@@ -54,13 +54,15 @@ def poisoned_tiny(
     seed: int = 0,
     share: float = 0.1,
     steps: int = 300,
+    trigger: Callable[[torch.Tensor], torch.Tensor] = stamp,
 ) -> nn.Module:
-    """A tiny net trained in seconds with ``share`` of its samples stamped and relabelled."""
+    """A tiny net trained in seconds with ``share`` of its samples stamped (``trigger``, pixel
+    space) and relabelled."""
     m, s = _stats()
     net = tiny_net(NUM_CLASSES, seed=seed, width=12)
     x, y = make_task(1200, seed)
     k = int(len(x) * share)
-    x[:k], y[:k] = stamp(x[:k]), relabel(y[:k])
+    x[:k], y[:k] = trigger(x[:k]), relabel(y[:k])
     xn = (x - m) / s
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(seed)
