@@ -136,6 +136,9 @@ METHOD_COMPRESS_DEFAULTS: dict[str, dict[str, Any]] = {
 BLEND_PROXIES = ("none", "mean_diff", "noise", "both")  # PurifyConfig.blend_proxy
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
 DYNAMIC = DynamicInversionConfig()
+#: The preset's permutation search: three learned-mask restarts and one whole-image blend
+#: (session 15, explore-purify.md 4t).
+PERMUTATION = PermutationInversionConfig(blend_restarts=1)
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,9 @@ class PurifyConfig:
     # ``permutation_min_targets`` of the classes: a permutation, not a collapse onto one or
     # two attractor classes. Measured (explore-purify.md 4l): BadNet all-to-all maps onto all
     # 10 classes (8 on a 512-image probe); a clean model onto 4, InputAware all-to-all onto 3,
-    # BadNet all-to-one and Blended all-to-all onto 2. None disables.
+    # BadNet all-to-one and Blended all-to-all onto 2. The cnc preset sets 0.5 (session 15,
+    # 4t): the whole-image blend restart maps Blended all-to-all onto 5-6 classes, a clean
+    # model onto 2, InputAware all-to-all onto 4 (a one-class margin). None disables.
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
     permutation_min_targets: float = 0.6
@@ -380,8 +385,12 @@ class PurifyConfig:
             # 3x 74.90 / 72.25 -> 79.95 / 15.75; gated out on the all-to-one and Blended
             # all-to-all models measured (section 4l). Three restarts, each gated (session
             # 12, section 4q): BadNet all-to-all seed 1, 83.55 / 77.10 -> 84.50 / 10.40
-            permutation=PermutationInversionConfig(),
+            permutation=PERMUTATION,
             permutation_any_restart=True,
+            # ... plus one restart whose mask is a whole-image blend at alpha 0.2, gated onto
+            # >= 5 of 10 classes (session 15, section 4t): Blended all-to-all, where no
+            # learned-mask restart passes, 82.50 / 25.50 -> 83.90 / 9.55
+            permutation_min_targets=0.5,
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
             dynamic=DYNAMIC,
@@ -520,7 +529,7 @@ def _optional_defaults() -> dict[str, Any]:
         "sensitivity": SensitivityConfig(),
         "teacher_cleaning": CLEANING,
         "refit": RefitConfig(),
-        "permutation": PermutationInversionConfig(),
+        "permutation": PERMUTATION,
         "dynamic": DYNAMIC,
     }
 
