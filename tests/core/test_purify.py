@@ -396,7 +396,8 @@ def test_permutation_any_restart_takes_a_passing_restart_over_a_better_objective
     monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: found)
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    small = dict(detect=False, permutation_max_anomaly=None)
+    # a gate of 3 of the 4 classes: the two-class collapse below fails it
+    small = dict(detect=False, permutation_max_anomaly=None, permutation_min_targets=0.6)
     only_best = _config("cnc", permutation_any_restart=False, **small)
     first = purify(model, only_best, **kw).detection["permutation_inversion"]
     assert first["used"] is False and first["restart"] == 0 and first["targets"] == 2
@@ -448,7 +449,8 @@ def test_permutation_all_passing_stamps_every_restart_that_passed(
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    small = dict(detect=False, permutation_max_anomaly=None)
+    # a gate of 3 of the 4 classes: the two-class collapse below fails it
+    small = dict(detect=False, permutation_max_anomaly=None, permutation_min_targets=0.6)
     one = purify(model, _config("cnc", **small), **kw)
     every = purify(model, _config("cnc", permutation_all_passing=True, **small), **kw)
     assert [m.shape[0] for m in seen] == [1, 2]
