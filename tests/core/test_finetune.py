@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cnc_core.progress import Cancelled
 from cnc_core.purify.finetune import (
@@ -141,6 +142,30 @@ def test_online_stamp_unlearns_a_planted_shortcut(stamped_batch: str) -> None:
     assert fixed > 0.5 and fixed > before
 
 
+def _watch_bn_batches(student: nn.Module) -> tuple[list[tuple[bool, int]], RemovableHandle]:
+    """(training mode, batch size) of every forward through the student's first BN, and the
+    hook's handle."""
+    seen: list[tuple[bool, int]] = []
+    hook = student[1].register_forward_pre_hook(
+        lambda m, inp: seen.append((m.training, inp[0].shape[0]))
+    )
+    return seen, hook
+
+
+def _one_bn_train_epoch(**overrides: object) -> FinetuneConfig:
+    """One epoch in batches of 16, BN in train mode, no recalibration or early stopping."""
+    base: dict[str, object] = dict(
+        epochs=1,
+        batch_size=16,
+        bn_mode="train",
+        early_stopping=False,
+        recalibrate=False,
+        final_recalibrate=False,
+        feature_weight=1.0,
+    )
+    return FinetuneConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
 def test_stamped_batch_decides_which_bn_batches_the_stamped_images_join() -> None:
     """``stamped_batch``: "joint", one training forward of clean + stamped images per step,
     so BN batch statistics mix them; "separate", the stamped images are a batch of their
@@ -154,20 +179,8 @@ def test_stamped_batch_decides_which_bn_batches_the_stamped_images_join() -> Non
     sizes = {}
     for mode in ("separate", "joint", "both"):
         student = _damaged_student(teacher)
-        seen: list[tuple[bool, int]] = []
-        hook = student[1].register_forward_pre_hook(
-            lambda m, inp, seen=seen: seen.append((m.training, inp[0].shape[0]))
-        )
-        cfg = FinetuneConfig(
-            epochs=1,
-            batch_size=16,
-            bn_mode="train",
-            early_stopping=False,
-            recalibrate=False,
-            final_recalibrate=False,
-            feature_weight=1.0,
-            stamped_batch=mode,
-        )
+        seen, hook = _watch_bn_batches(student)
+        cfg = _one_bn_train_epoch(stamped_batch=mode)
         res = finetune(student, teacher, clean, None, None, cfg, stamp=stamp)
         hook.remove()
         assert res.history[-1]["proxy"] > 0 and res.history[-1]["feature"] > 0
@@ -195,21 +208,9 @@ def test_all_to_all_stamp_takes_half_the_stamped_images_in_its_own_batch_mode() 
         return stamp
 
     student = _damaged_student(teacher)
-    seen: list[tuple[bool, int]] = []
-    hook = student[1].register_forward_pre_hook(
-        lambda m, inp: seen.append((m.training, inp[0].shape[0]))
-    )
-    cfg = FinetuneConfig(
-        epochs=1,
-        batch_size=16,
-        bn_mode="train",
-        early_stopping=False,
-        recalibrate=True,
-        final_recalibrate=False,
-        recal_stamped=0.25,
-        feature_weight=1.0,
-        stamped_batch="separate",
-        all_to_all_batch="joint",
+    seen, hook = _watch_bn_batches(student)
+    cfg = _one_bn_train_epoch(
+        recalibrate=True, recal_stamped=0.25, stamped_batch="separate", all_to_all_batch="joint"
     )
     res = finetune(
         student,
