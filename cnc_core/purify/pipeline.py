@@ -225,8 +225,9 @@ class PurifyConfig:
     # two attractor classes. Measured (explore-purify.md 4l): BadNet all-to-all maps onto all
     # 10 classes (8 on a 512-image probe); a clean model onto 4, InputAware all-to-all onto 3,
     # BadNet all-to-one and Blended all-to-all onto 2. The cnc preset sets 0.5 (session 15,
-    # 4t): the whole-image blend restart maps Blended all-to-all onto 5-6 classes, a clean
-    # model onto 2, InputAware all-to-all onto 4 (a one-class margin). None disables.
+    # 4t): the whole-image blend restart maps Blended all-to-all onto 5-7 classes, a clean
+    # model onto 2, BadNet and InputAware all-to-all onto 4 (a one-class margin). None
+    # disables.
     permutation: PermutationInversionConfig | None = None
     permutation_min_flip: float = 0.3
     permutation_min_targets: float = 0.6
@@ -389,7 +390,8 @@ class PurifyConfig:
             permutation_any_restart=True,
             # ... plus one restart whose mask is a whole-image blend at alpha 0.2, gated onto
             # >= 5 of 10 classes (session 15, section 4t): Blended all-to-all, where no
-            # learned-mask restart passes, 82.50 / 25.50 -> 83.90 / 9.55
+            # learned-mask restart passes, 82.50 / 25.50 -> 83.90 / 9.55 (seed 1: 84.30 /
+            # 34.05 -> 83.45 / 20.70)
             permutation_min_targets=0.5,
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
