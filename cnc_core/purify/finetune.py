@@ -133,6 +133,11 @@ class FinetuneConfig:
     all_to_all_weight: float | None = None
     seed: int = 0
 
+    def all_to_all_settings(self) -> tuple[str, float]:
+        """The all-to-all stamp's batch mode and weight, the unset ones inherited."""
+        weight = self.proxy_weight if self.all_to_all_weight is None else self.all_to_all_weight
+        return self.all_to_all_batch or self.stamped_batch, weight
+
 
 @dataclass
 class FinetuneResult:
@@ -420,10 +425,7 @@ def finetune(
             f"all_to_all_batch must be None or one of {STAMPED_BATCHES}, "
             f"not {config.all_to_all_batch!r}"
         )
-    a2a_batch = config.all_to_all_batch or config.stamped_batch
-    a2a_weight = (
-        config.proxy_weight if config.all_to_all_weight is None else config.all_to_all_weight
-    )
+    a2a_batch, a2a_weight = config.all_to_all_settings()
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
@@ -596,8 +598,7 @@ def finetune(
                     loss = loss + fl
                 if groups:
                     out_own = student(torch.cat(in_own)) if in_own else None
-                    k = groups[-1].stop
-                    sl = _stamped_loss(groups, out_joint, out_own, tb, k, config)
+                    sl = _stamped_loss(groups, out_joint, out_own, tb, config)
                     sums["proxy"] += float(sl.detach())
                     loss = loss + sl
                 if p_img is not None and p_lab is not None and p_order is not None:
@@ -674,14 +675,14 @@ def _stamped_loss(
     out_joint: Tensor | None,
     out_own: Tensor | None,
     teacher_logits: Tensor,
-    k: int,
     config: FinetuneConfig,
 ) -> Tensor:
     """The unlearning loss of a step's stamped images: per group, the mean over the passes it
     went through (the joint batch's tail, its own batch), times its weight and its share of
-    the ``k`` stamped images. ``out_joint`` / ``out_own`` hold the groups in order, each
-    only those of its pass."""
+    the stamped images (the groups cover ``0:groups[-1].stop``). ``out_joint`` /
+    ``out_own`` hold the groups in order, each only those of its pass."""
     total: Tensor | None = None
+    k = groups[-1].stop
     at_joint = at_own = 0
     for grp in groups:
         size = grp.stop - grp.start

@@ -931,20 +931,15 @@ def purify(
     if config.online_proxies:
         stamp, a2a_stamp = _finetune_stamps(config, proxies, mean, std)
     if a2a_stamp is not None:
-        detection["all_to_all_stamp"] = {
-            "batch": ft_cfg.all_to_all_batch or ft_cfg.stamped_batch,
-            "weight": (
-                ft_cfg.proxy_weight
-                if ft_cfg.all_to_all_weight is None
-                else ft_cfg.all_to_all_weight
-            ),
-        }
+        a2a_batch, a2a_weight = ft_cfg.all_to_all_settings()
+        detection["all_to_all_stamp"] = {"batch": a2a_batch, "weight": a2a_weight}
     blend = None
     if config.blend_proxy != "none" and (stamp is not None or a2a_stamp is not None):
         blend, detection["blend_proxy"] = _blend_stamp(
             config, teacher, clean, proxies.suspected_target, mean, std, num_classes
         )
-        stamp = mixed_stamp([s for s in (stamp, blend) if s is not None])
+        if blend is not None:
+            stamp = mixed_stamp([s for s in (stamp, blend) if s is not None])
     with plan.stage("finetune"):
         ft_images = clean
         if config.drop_disputed and kd_teacher is not teacher:

@@ -254,7 +254,7 @@ def test_stamped_loss_weighs_each_half_by_its_weight_and_share() -> None:
         2.0 * ce(own[:4], labels[:4]) * 4 / 6
         + 5.0 * ((ce(joint, labels[4:]) + ce(own[4:], labels[4:])) / 2) * 2 / 6
     )
-    got = _stamped_loss(groups, joint, own, teacher_logits, 6, cfg)
+    got = _stamped_loss(groups, joint, own, teacher_logits, cfg)
     assert torch.allclose(got, expected)
 
 
