@@ -1349,19 +1349,25 @@ def _finetune_stamps(
     (permutation, dynamic) that passed their gates as two stamps."""
     if not _splits_all_to_all(config) or proxies.inversion is None:
         return _stamp_of(config, proxies, mean, std), None
-    masks, patterns = _stamped_triggers(config, proxies)
-    n_inv = masks.shape[0] - _num_permutation_triggers(proxies)
+    (inv_masks, inv_patterns), (perm_masks, perm_patterns) = _split_triggers(config, proxies)
     inverted = None
-    if n_inv:
-        inverted = trigger_stamp(masks[:n_inv], patterns[:n_inv], mean=mean, std=std)
+    if inv_masks.shape[0]:
+        inverted = trigger_stamp(inv_masks, inv_patterns, mean=mean, std=std)
     a2a = None
-    if n_inv < masks.shape[0] or proxies.dynamic_generator is not None:
-        a2a = _with_dynamic(masks[n_inv:], patterns[n_inv:], proxies, mean, std)
+    if perm_masks.shape[0] or proxies.dynamic_generator is not None:
+        a2a = _with_dynamic(perm_masks, perm_patterns, proxies, mean, std)
     return inverted, a2a
 
 
-def _num_permutation_triggers(proxies: ProxySet) -> int:
-    return 0 if proxies.extra_triggers is None else int(proxies.extra_triggers[0].shape[0])
+def _split_triggers(
+    config: PurifyConfig, proxies: ProxySet
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`_stamped_triggers` as two ``(masks, patterns)`` pairs: the inverted per-class
+    triggers, then the permutation triggers (``extra_triggers``; none where it failed)."""
+    masks, patterns = _stamped_triggers(config, proxies)
+    n_perm = 0 if proxies.extra_triggers is None else int(proxies.extra_triggers[0].shape[0])
+    n_inv = masks.shape[0] - n_perm
+    return (masks[:n_inv], patterns[:n_inv]), (masks[n_inv:], patterns[n_inv:])
 
 
 def _with_dynamic(
@@ -1455,11 +1461,11 @@ def _stamp_refresher(
     ``blend`` stamp beside them, as the first stamp mixed them."""
     assert first.inversion is not None
     target = first.inversion.suspected_target
-    masks0, patterns0 = _stamped_triggers(config, first)
     if _splits_all_to_all(config):  # the all-to-all triggers are stamped apart, unchanged
-        n_inv = masks0.shape[0] - _num_permutation_triggers(first)
-        masks0, patterns0 = masks0[:n_inv], patterns0[:n_inv]
+        (masks0, patterns0), _ = _split_triggers(config, first)
         first = dataclasses.replace(first, dynamic_generator=None)
+    else:
+        masks0, patterns0 = _stamped_triggers(config, first)
     masks, patterns = [masks0], [patterns0]
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
 
