@@ -183,8 +183,10 @@ def _detection(report: dict[str, Any]) -> list[str]:
     apart = det.get("all_to_all_stamp")
     if apart:
         lines += [
-            "The all-to-all trigger was unlearnt apart from the inverted ones: half the "
-            f"stamped images, in the {apart['batch']} batch mode, at weight {apart['weight']:g}.",
+            "The all-to-all trigger"
+            + (" (a whole-image blend)" if apart.get("blend") else "")
+            + " was unlearnt apart from the inverted ones: half the stamped images, in the "
+            f"{apart['batch']} batch mode, at weight {apart['weight']:g}.",
             "",
         ]
     if "sensitivity_suppressed" in det:

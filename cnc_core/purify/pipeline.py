@@ -243,6 +243,17 @@ class PurifyConfig:
     # of them covers more of its neighbourhood (each stamped image gets one trigger at random,
     # so the all-to-all triggers also take a larger share of the stamped images).
     permutation_all_passing: bool = False
+    # Where the permutation trigger in use is the whole-image blend restart's
+    # (``PermutationInversionConfig.blend_restarts``), fine-tuning unlearns it apart from the
+    # inverted triggers (half the stamped images), in this BN batch mode and at this weight,
+    # as ``FinetuneConfig.all_to_all_batch`` / ``all_to_all_weight`` do for any all-to-all
+    # trigger (these two win over those there); None leaves that setting as it is. A blend
+    # trigger is a whole-image pattern that no learned-mask restart could match, so the rule
+    # reaches only the models the blend restart detects (Blended all-to-all on the zoo), and
+    # leaves a patch (BadNet) or warp (WaNet) all-to-all trigger, found by a learned mask, as
+    # before.
+    permutation_blend_batch: str | None = None
+    permutation_blend_weight: float | None = None
     # The search is skipped when Neural Cleanse already names one target with this anomaly
     # index or more (an all-to-one backdoor; None: always search). Measured anomaly indices:
     # BadNet all-to-one 2.75-4.41, Blended all-to-one 1.6-4.19 (and the permutation trigger
@@ -464,6 +475,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_all_to_all": ("cleaning_all_to_all",),
     "permutation_any_restart": ("permutation_any_restart",),
     "permutation_all_passing": ("permutation_all_passing",),
+    "permutation_blend_batch": ("permutation_blend_batch",),
+    "permutation_blend_weight": ("permutation_blend_weight",),
     "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
@@ -517,6 +530,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "proxy_labels": PROXY_LABELS,
     "stamped_batch": STAMPED_BATCHES,
     "all_to_all_batch": STAMPED_BATCHES,
+    "permutation_blend_batch": STAMPED_BATCHES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -696,6 +710,11 @@ def purify(
         )
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
+    if config.permutation_blend_batch not in (None, *STAMPED_BATCHES):
+        raise ValueError(
+            f"permutation_blend_batch must be None or one of {STAMPED_BATCHES}, "
+            f"not {config.permutation_blend_batch!r}"
+        )
     if config.refit is not None and config.method in ("cnc", "cnc-paper"):
         if config.refit.output_weighting not in REFIT_WEIGHTINGS:
             raise ValueError(
@@ -822,6 +841,7 @@ def purify(
                 "skipped": skipped,
             }
 
+    config = _blend_trigger_settings(config, proxies)
     kd_teacher = teacher
     trigger_untrusted = False
     target_extra: Tensor | None = None
@@ -933,6 +953,8 @@ def purify(
     if a2a_stamp is not None:
         a2a_batch, a2a_weight = ft_cfg.all_to_all_settings()
         detection["all_to_all_stamp"] = {"batch": a2a_batch, "weight": a2a_weight}
+        if (proxies.permutation_record or {}).get("blend"):
+            detection["all_to_all_stamp"]["blend"] = True
     blend = None
     if config.blend_proxy != "none" and (stamp is not None or a2a_stamp is not None):
         blend, detection["blend_proxy"] = _blend_stamp(
@@ -1329,6 +1351,22 @@ def _stamp_of(
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
+
+
+def _blend_trigger_settings(config: PurifyConfig, proxies: ProxySet) -> PurifyConfig:
+    """``config`` with ``permutation_blend_batch`` / ``permutation_blend_weight`` as the
+    fine-tuning's all-to-all settings where the permutation trigger in use is a blend."""
+    record = proxies.permutation_record or {}
+    batch, weight = config.permutation_blend_batch, config.permutation_blend_weight
+    if not (record.get("used") and record.get("blend")) or (batch is None and weight is None):
+        return config
+    ft = config.finetune
+    ft = dataclasses.replace(
+        ft,
+        all_to_all_batch=ft.all_to_all_batch if batch is None else batch,
+        all_to_all_weight=ft.all_to_all_weight if weight is None else weight,
+    )
+    return dataclasses.replace(config, finetune=ft)
 
 
 def _splits_all_to_all(config: PurifyConfig) -> bool:

@@ -511,6 +511,54 @@ def test_all_to_all_knobs_stamp_the_permutation_trigger_apart(
     assert not torch.allclose(first(blank, gen)[:, :, :3, :3], torch.full((4, 3, 3, 3), 2.0))
 
 
+@pytest.mark.parametrize("blend", [False, True])
+def test_blend_knobs_unlearn_only_a_blend_trigger_apart(
+    monkeypatch: pytest.MonkeyPatch, blend: bool
+) -> None:
+    """``permutation_blend_batch`` / ``permutation_blend_weight`` split the permutation
+    trigger off in fine-tuning only where it came from a blend restart; a learned-mask
+    trigger is stamped with the inverted ones as without the knobs."""
+    import cnc_core.purify.pipeline as pipeline
+    from cnc_core.purify.permutation import PermutationInversionResult
+
+    mask = torch.full((1, 16, 16), 0.2) if blend else torch.zeros(1, 16, 16)
+    if not blend:
+        mask[:, :3, :3] = 1.0
+    perm = PermutationInversionResult(
+        mask=mask,
+        pattern=torch.ones(3, 16, 16),
+        mask_norm=float(mask.sum()),
+        flip_rate=0.8,
+        mutual_information=0.5,
+        top_share=0.3,
+        mapping=[1, 2, 3, 0],
+        blend=blend,
+    )
+    monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: perm)
+    apart: list[bool] = []
+    real_finetune = pipeline.finetune
+
+    def spy(*a: object, **k: object) -> object:
+        apart.append(k.get("all_to_all_stamp") is not None)
+        return real_finetune(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "finetune", spy)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(permutation_blend_batch="joint", permutation_blend_weight=4.0)
+    small = dict(detect=False, permutation_max_anomaly=None, dynamic=False)
+    out = purify(_model(), _config("cnc", **knobs, **small), **kw)
+    assert out.detection["permutation_inversion"]["used"] is True
+    assert apart == [blend]
+    page = render_report({"detection": out.detection})
+    if blend:
+        assert out.detection["all_to_all_stamp"] == {"batch": "joint", "weight": 4.0, "blend": True}
+        assert "trigger (a whole-image blend) was unlearnt apart" in page
+    else:
+        assert "all_to_all_stamp" not in out.detection and "unlearnt apart" not in page
+    with pytest.raises(ValueError, match="permutation_blend_batch"):
+        purify(_model(), _config("cnc", permutation_blend_batch="mixed", **small), **kw)
+
+
 def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     """The dynamic trigger search runs in its own timed stage where no all-to-one target was
     named and no one-pattern permutation trigger is used; past the gate it changes the
