@@ -404,6 +404,12 @@ class PurifyConfig:
             # learned-mask restart passes, 82.50 / 25.50 -> 83.90 / 9.55 (seed 1: 84.30 /
             # 34.05 -> 83.45 / 20.70)
             permutation_min_targets=0.5,
+            # ... and where that blend trigger is the one used, it is unlearnt apart, in one
+            # BN batch with the clean images and at weight 16 (session 16, section 4u;
+            # Blended all-to-all, two seeds: 83.50 / 10.55 -> 85.40 / 3.50 and 83.55 /
+            # 15.10 -> 82.00 / 6.30); no other zoo model uses a blend trigger
+            permutation_blend_batch="joint",
+            permutation_blend_weight=16.0,
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
             dynamic=DYNAMIC,

@@ -544,6 +544,8 @@ def test_blend_knobs_unlearn_only_a_blend_trigger_apart(
 
     monkeypatch.setattr(pipeline, "finetune", spy)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    preset = PurifyConfig.for_method("cnc")
+    assert (preset.permutation_blend_batch, preset.permutation_blend_weight) == ("joint", 16.0)
     knobs = dict(permutation_blend_batch="joint", permutation_blend_weight=4.0)
     small = dict(detect=False, permutation_max_anomaly=None, dynamic=False)
     out = purify(_model(), _config("cnc", **knobs, **small), **kw)
