@@ -87,6 +87,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_any_restart",
         "permutation_all_passing",
         "permutation_information",
+        "permutation_batches",
         "permutation_blend_restarts",
         "permutation_blend_alpha",
         "permutation_blend_batch",
@@ -137,4 +138,5 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "refit_weighting": ("rms", "none"),
     "allocation_spectra": ("weight", "response"),
     "permutation_information": ("full", "away"),
+    "permutation_batches": ("shared", "independent"),
 }

@@ -44,7 +44,7 @@ from cnc_core.purify.permutation import (  # noqa: E402
     permutation_inversion,
 )
 from cnc_core.purify.proxies import apply_trigger, predict  # noqa: E402
-from cnc_core.purify.synthesis import SynthesisConfig  # noqa: E402
+from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last  # noqa: E402
 
 MS = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         "--blend-restarts", type=int, default=0, help="one-pattern search: whole-image blends"
     )
     p.add_argument("--blend-alpha", type=float, default=0.2)
+    p.add_argument(
+        "--batches", default="shared", help="one-pattern search: shared or independent draws"
+    )
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     synth, _ = cached_synthetic(model, s, key, **MS)
+    synth = cpu_channels_last(synth)  # as purify lays them out (float rounding differs)
     search_seed = args.seed if args.search_seed is None else args.search_seed
     gen = torch.Generator().manual_seed(search_seed)
     common = dict(
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             information=args.information,
             blend_restarts=args.blend_restarts,
             blend_alpha=args.blend_alpha,
+            batches=args.batches,
         )
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
         found = inv

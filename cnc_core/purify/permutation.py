@@ -42,6 +42,7 @@ from cnc_core.purify.proxies import (
 from cnc_core.purify.synthesis import to_tensor_stats
 
 __all__ = [
+    "BATCHES",
     "INFORMATION",
     "PermutationInversionConfig",
     "PermutationInversionResult",
@@ -50,6 +51,7 @@ __all__ = [
 
 
 INFORMATION = ("full", "away")
+BATCHES = ("shared", "independent")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class PermutationInversionConfig:
     # that passes ranks first). 0: none.
     blend_restarts: int = 0
     blend_alpha: float = 0.2
+    # Each restart draws its own class-balanced batch every step ("independent") or all share
+    # one ("shared"). Shared batches tie the restarts together: on BadNet all-to-all's seed-1
+    # images one draw sequence took all three learned restarts to the exact mapping and
+    # another took all three to a collapse (explore-purify.md 4v)
+    batches: str = "shared"
 
 
 @dataclass
@@ -148,12 +155,16 @@ def permutation_inversion(
     """
     if config.information not in INFORMATION:
         raise ValueError(f"information must be one of {INFORMATION}, not {config.information!r}")
+    if config.batches not in BATCHES:
+        raise ValueError(f"batches must be one of {BATCHES}, not {config.batches!r}")
+    independent = config.batches == "independent"
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images.device
     c, h, w = images.shape[1:]
     m = to_tensor_stats(mean, c, device)
     s = to_tensor_stats(std, c, device)
     clean = predict(model, images)
+    labels = clean.cpu()
     num_classes = _num_outputs(model, images)
     r = config.restarts + config.blend_restarts
     mask_raw = torch.full((config.restarts, 1, h, w), -2.0, device=device, requires_grad=True)
@@ -168,41 +179,46 @@ def permutation_inversion(
     report = _reporter(progress, stage)
 
     def objective(idx: Tensor) -> Tensor:
-        """Per-restart loss on the images ``idx`` (shape ``(r,)``)."""
-        pix = images[idx] * s + m
+        """Per-restart loss, restart ``k`` on the images ``idx[k]`` (``idx``: ``(r, n)``)."""
+        n = idx.shape[1]
+        pix = images[idx] * s + m  # (r, n, C, H, W)
         mask = masks()
         pattern = torch.sigmoid(pattern_raw)
-        stamped = (1 - mask[:, None]) * pix[None] + (mask * pattern)[:, None]
-        n = idx.numel()
+        stamped = (1 - mask[:, None]) * pix + (mask * pattern)[:, None]
         x = ((stamped - m) / s).reshape(r * n, c, h, w)
         q = F.softmax(model(x), dim=1).reshape(r, n, -1)
-        y = clean[idx]
-        stay = q.gather(2, y[None, :, None].expand(r, n, 1)).squeeze(2)
+        y = clean[idx]  # (r, n)
+        stay = q.gather(2, y[:, :, None]).squeeze(2)
         leave = -(1 - stay).clamp_min(1e-6).log().mean(1)
-        onehot = F.one_hot(y, q.shape[2]).float()  # (n, K)
+        onehot = F.one_hot(y, q.shape[2]).float()  # (r, n, K)
         if config.information == "away":
-            q = q * (1 - onehot)[None]
+            q = q * (1 - onehot)
             q = q / q.sum(2, keepdim=True).clamp_min(1e-12)
         marginal = _entropy(q.mean(1))
-        counts = onehot.sum(0)  # (K,)
-        per_class = torch.einsum("nk,rnj->rkj", onehot, q) / counts.clamp_min(1)[None, :, None]
+        counts = onehot.sum(1)  # (r, K)
+        per_class = torch.einsum("rnk,rnj->rkj", onehot, q) / counts.clamp_min(1)[:, :, None]
         present = counts > 0
-        conditional = (_entropy(per_class) * present).sum(1) / present.sum()
+        conditional = (_entropy(per_class) * present).sum(1) / present.sum(1)
         mi = marginal - conditional
         l1 = mask.reshape(r, -1).sum(1)
         return leave - config.mi_weight * mi + config.l1_weight * l1
 
+    def draw(per_class: int, independent: bool) -> Tensor:
+        """Class-balanced image indices, ``(r, n)``: one draw per restart or one shared."""
+        rows = r if independent else 1
+        idx = torch.stack([_balanced_index(labels, per_class, gen) for _ in range(rows)])
+        return idx.expand(r, -1).to(device)
+
     with _Frozen(model):
         for step in range(config.steps):
-            idx = _balanced_index(clean.cpu(), config.images_per_class, gen).to(device)
-            loss = objective(idx).sum()
+            loss = objective(draw(config.images_per_class, independent)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             report((step + 1) / max(config.steps, 1) * 0.95)
         with torch.no_grad():
-            idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
-            order = objective(idx).argsort().tolist()
+            # ranked on one shared draw, so the objectives compare
+            order = objective(draw(config.images_per_class * 4, False)).argsort().tolist()
             candidates = []
             for k in order:
                 mask = masks()[k].detach()

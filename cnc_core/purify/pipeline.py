@@ -64,6 +64,7 @@ from cnc_core.purify.finetune import (
     recalibrate_bn,
 )
 from cnc_core.purify.permutation import (
+    BATCHES,
     INFORMATION,
     PermutationInversionConfig,
     PermutationInversionResult,
@@ -512,6 +513,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_information": ("permutation", "information"),
+    "permutation_batches": ("permutation", "batches"),
     "permutation_blend_restarts": ("permutation", "blend_restarts"),
     "permutation_blend_alpha": ("permutation", "blend_alpha"),
     "permutation_min_flip": ("permutation_min_flip",),
@@ -542,6 +544,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "refit_weighting": REFIT_WEIGHTINGS,
     "allocation_spectra": ALLOCATION_SPECTRA,
     "permutation_information": INFORMATION,
+    "permutation_batches": BATCHES,
 }
 
 
