@@ -41,20 +41,13 @@ from cnc_core.purify.dynamic import (  # noqa: E402
 from cnc_core.purify.permutation import (  # noqa: E402
     PermutationInversionConfig,
     PermutationInversionResult,
+    mask_peak_share,
     permutation_inversion,
 )
 from cnc_core.purify.proxies import apply_trigger, predict  # noqa: E402
 from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last  # noqa: E402
 
 MS = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-
-
-def peak_share(mask: torch.Tensor, k: int) -> float:
-    """Share of a mask's mass in its densest k x k window: data-free, near 1 for a patch
-    trigger's mask, small for one spread over the image (a warp's, a blend's)."""
-    m = mask.reshape(1, 1, *mask.shape[-2:])
-    window = torch.nn.functional.avg_pool2d(m, k, stride=1) * k * k
-    return float(window.max() / m.sum().clamp_min(1e-12))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     "mapping": cand.mapping,
                     "blend": cand.blend,
                     "mask_norm": round(cand.mask_norm, 1),
-                    "peak_4x4": round(peak_share(cand.mask, 4), 3),
-                    "peak_8x8": round(peak_share(cand.mask, 8), 3),
+                    "peak_4x4": round(mask_peak_share(cand.mask, 4), 3),
+                    "peak_8x8": round(mask_peak_share(cand.mask, 8), 3),
                     "real_to_y_plus_1": round(
                         float((moved[ok] == (yc[ok] + 1) % 10).float().mean()), 3
                     ),

@@ -184,7 +184,9 @@ def _detection(report: dict[str, Any]) -> list[str]:
     if apart:
         lines += [
             "The all-to-all trigger"
-            + (" (a whole-image blend)" if apart.get("blend") else "")
+            + {"blend": " (a whole-image blend)", "patch": " (a patch)"}.get(
+                apart.get("shape", ""), ""
+            )
             + " was unlearnt apart from the inverted ones: half the stamped images, in the "
             f"{apart['batch']} batch mode, at weight {apart['weight']:g}.",
             "",

@@ -255,6 +255,15 @@ class PurifyConfig:
     # before.
     permutation_blend_batch: str | None = None
     permutation_blend_weight: float | None = None
+    # Likewise where the permutation trigger in use is a learned mask concentrated in a patch:
+    # at least ``permutation_patch_peak`` of its mass in its densest square of an eighth of
+    # the image side (:func:`.permutation.mask_peak_share`; BadNet all-to-all's masks hold
+    # 0.31-0.55 there, WaNet's 0.12-0.14). A patch trigger is what Neural Cleanse's inverted
+    # per-class masks resemble, so unlearning it with them dilutes it; a warp trigger
+    # (WaNet) is left as before.
+    permutation_patch_peak: float = 0.25
+    permutation_patch_batch: str | None = None
+    permutation_patch_weight: float | None = None
     # The search is skipped when Neural Cleanse already names one target with this anomaly
     # index or more (an all-to-one backdoor; None: always search). Measured anomaly indices:
     # BadNet all-to-one 2.75-4.41, Blended all-to-one 1.6-4.19 (and the permutation trigger
@@ -484,6 +493,9 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_all_passing": ("permutation_all_passing",),
     "permutation_blend_batch": ("permutation_blend_batch",),
     "permutation_blend_weight": ("permutation_blend_weight",),
+    "permutation_patch_peak": ("permutation_patch_peak",),
+    "permutation_patch_batch": ("permutation_patch_batch",),
+    "permutation_patch_weight": ("permutation_patch_weight",),
     "inverted_beside_all_to_all": ("inverted_beside_all_to_all",),
     "clp_u": ("clp", "u"),
     "clp_compress": ("clp_compress",),
@@ -539,6 +551,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "stamped_batch": STAMPED_BATCHES,
     "all_to_all_batch": STAMPED_BATCHES,
     "permutation_blend_batch": STAMPED_BATCHES,
+    "permutation_patch_batch": STAMPED_BATCHES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -719,11 +732,11 @@ def purify(
         )
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
-    if config.permutation_blend_batch not in (None, *STAMPED_BATCHES):
-        raise ValueError(
-            f"permutation_blend_batch must be None or one of {STAMPED_BATCHES}, "
-            f"not {config.permutation_blend_batch!r}"
-        )
+    for name in ("permutation_blend_batch", "permutation_patch_batch"):
+        if getattr(config, name) not in (None, *STAMPED_BATCHES):
+            raise ValueError(
+                f"{name} must be None or one of {STAMPED_BATCHES}, not {getattr(config, name)!r}"
+            )
     if config.refit is not None and config.method in ("cnc", "cnc-paper"):
         if config.refit.output_weighting not in REFIT_WEIGHTINGS:
             raise ValueError(
@@ -850,7 +863,7 @@ def purify(
                 "skipped": skipped,
             }
 
-    config = _blend_trigger_settings(config, proxies)
+    config = _permutation_trigger_settings(config, proxies)
     kd_teacher = teacher
     trigger_untrusted = False
     target_extra: Tensor | None = None
@@ -962,8 +975,9 @@ def purify(
     if a2a_stamp is not None:
         a2a_batch, a2a_weight = ft_cfg.all_to_all_settings()
         detection["all_to_all_stamp"] = {"batch": a2a_batch, "weight": a2a_weight}
-        if (proxies.permutation_record or {}).get("blend"):
-            detection["all_to_all_stamp"]["blend"] = True
+        trigger_shape = _permutation_shape(config, proxies)
+        if trigger_shape is not None:
+            detection["all_to_all_stamp"]["shape"] = trigger_shape
     blend = None
     if config.blend_proxy != "none" and (stamp is not None or a2a_stamp is not None):
         blend, detection["blend_proxy"] = _blend_stamp(
@@ -1269,7 +1283,8 @@ def _add_permutation_trigger(
     # every restart's outcome, best objective first, and which one was taken
     record["restart"] = chosen
     record["restarts"] = [
-        {k: r[k] for k in ("flip_rate", "targets", "mapping", "used")} | {"blend": c.blend}
+        {k: r[k] for k in ("flip_rate", "targets", "mapping", "peak_share", "used")}
+        | {"blend": c.blend}
         for c, r in zip(candidates, records, strict=True)
     ]
     record["blend"] = perm.blend
@@ -1301,6 +1316,7 @@ def _gate(
         "mutual_information": found.mutual_information,
         "top_share": found.top_share,
         "mapping": found.mapping,
+        "peak_share": getattr(found, "peak_share", None),
         "targets": targets,
         "used": found.flip_rate >= min_flip and targets >= min_targets * len(found.mapping),
     }
@@ -1362,12 +1378,31 @@ def _stamp_of(
     return None
 
 
-def _blend_trigger_settings(config: PurifyConfig, proxies: ProxySet) -> PurifyConfig:
-    """``config`` with ``permutation_blend_batch`` / ``permutation_blend_weight`` as the
-    fine-tuning's all-to-all settings where the permutation trigger in use is a blend."""
+def _permutation_shape(config: PurifyConfig, proxies: ProxySet) -> str | None:
+    """``"blend"`` or ``"patch"`` where the permutation trigger in use is a whole-image blend
+    or a learned mask concentrated in a patch (``permutation_patch_peak``), else None."""
     record = proxies.permutation_record or {}
-    batch, weight = config.permutation_blend_batch, config.permutation_blend_weight
-    if not (record.get("used") and record.get("blend")) or (batch is None and weight is None):
+    if not record.get("used"):
+        return None
+    if record.get("blend"):
+        return "blend"
+    if record.get("peak_share", 0.0) >= config.permutation_patch_peak:
+        return "patch"
+    return None
+
+
+def _permutation_trigger_settings(config: PurifyConfig, proxies: ProxySet) -> PurifyConfig:
+    """``config`` with ``permutation_blend_*`` / ``permutation_patch_*`` as the fine-tuning's
+    all-to-all settings where the permutation trigger in use is a blend / a patch."""
+    shape = _permutation_shape(config, proxies)
+    if shape is None:
+        return config
+    batch, weight = (
+        (config.permutation_blend_batch, config.permutation_blend_weight)
+        if shape == "blend"
+        else (config.permutation_patch_batch, config.permutation_patch_weight)
+    )
+    if batch is None and weight is None:
         return config
     ft = config.finetune
     ft = dataclasses.replace(

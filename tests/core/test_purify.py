@@ -511,19 +511,21 @@ def test_all_to_all_knobs_stamp_the_permutation_trigger_apart(
     assert not torch.allclose(first(blank, gen)[:, :, :3, :3], torch.full((4, 3, 3, 3), 2.0))
 
 
-@pytest.mark.parametrize("blend", [False, True])
-def test_blend_knobs_unlearn_only_a_blend_trigger_apart(
-    monkeypatch: pytest.MonkeyPatch, blend: bool
+@pytest.mark.parametrize("shape", ["blend", "patch", "spread"])
+def test_shape_knobs_unlearn_a_blend_or_patch_trigger_apart(
+    monkeypatch: pytest.MonkeyPatch, shape: str
 ) -> None:
-    """``permutation_blend_batch`` / ``permutation_blend_weight`` split the permutation
-    trigger off in fine-tuning only where it came from a blend restart; a learned-mask
-    trigger is stamped with the inverted ones as without the knobs."""
+    """``permutation_blend_*`` split the permutation trigger off in fine-tuning where it came
+    from a blend restart, ``permutation_patch_*`` where its learned mask is a compact patch;
+    a mask spread over the image is stamped with the inverted triggers as without them."""
     import cnc_core.purify.pipeline as pipeline
-    from cnc_core.purify.permutation import PermutationInversionResult
+    from cnc_core.purify.permutation import PermutationInversionResult, mask_peak_share
 
-    mask = torch.full((1, 16, 16), 0.2) if blend else torch.zeros(1, 16, 16)
-    if not blend:
-        mask[:, :3, :3] = 1.0
+    mask = torch.full((1, 16, 16), 0.2) if shape == "blend" else torch.zeros(1, 16, 16)
+    if shape == "patch":
+        mask[:, :3, :3] = 1.0  # 4 of its 9 pixels fit the densest 2 x 2 window
+    elif shape == "spread":
+        mask[:, 0, :] = 1.0  # a line across the image: 2 of its 16 pixels
     perm = PermutationInversionResult(
         mask=mask,
         pattern=torch.ones(3, 16, 16),
@@ -532,7 +534,11 @@ def test_blend_knobs_unlearn_only_a_blend_trigger_apart(
         mutual_information=0.5,
         top_share=0.3,
         mapping=[1, 2, 3, 0],
-        blend=blend,
+        blend=shape == "blend",
+        peak_share=mask_peak_share(mask),
+    )
+    assert perm.peak_share == pytest.approx(
+        {"blend": 4 / 256, "patch": 4 / 9, "spread": 2 / 16}[shape]
     )
     monkeypatch.setattr(pipeline, "permutation_inversion", lambda *a, **k: perm)
     apart: list[bool] = []
@@ -546,19 +552,29 @@ def test_blend_knobs_unlearn_only_a_blend_trigger_apart(
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     preset = PurifyConfig.for_method("cnc")
     assert (preset.permutation_blend_batch, preset.permutation_blend_weight) == ("joint", 16.0)
-    knobs = dict(permutation_blend_batch="joint", permutation_blend_weight=4.0)
+    knobs = dict(
+        permutation_blend_batch="joint",
+        permutation_blend_weight=4.0,
+        permutation_patch_batch="both",
+        permutation_patch_weight=2.0,
+    )
     small = dict(detect=False, permutation_max_anomaly=None, dynamic=False)
     out = purify(_model(), _config("cnc", **knobs, **small), **kw)
-    assert out.detection["permutation_inversion"]["used"] is True
-    assert apart == [blend]
+    record = out.detection["permutation_inversion"]
+    assert record["used"] is True and record["peak_share"] == perm.peak_share
+    assert apart == [shape != "spread"]
     page = render_report({"detection": out.detection})
-    if blend:
-        assert out.detection["all_to_all_stamp"] == {"batch": "joint", "weight": 4.0, "blend": True}
-        assert "trigger (a whole-image blend) was unlearnt apart" in page
-    else:
+    if shape == "spread":
         assert "all_to_all_stamp" not in out.detection and "unlearnt apart" not in page
-    with pytest.raises(ValueError, match="permutation_blend_batch"):
-        purify(_model(), _config("cnc", permutation_blend_batch="mixed", **small), **kw)
+    else:
+        batch, weight = ("joint", 4.0) if shape == "blend" else ("both", 2.0)
+        stamp = {"batch": batch, "weight": weight, "shape": shape}
+        assert out.detection["all_to_all_stamp"] == stamp
+        words = "a whole-image blend" if shape == "blend" else "a patch"
+        assert f"trigger ({words}) was unlearnt apart" in page
+    for name in ("permutation_blend_batch", "permutation_patch_batch"):
+        with pytest.raises(ValueError, match=name):
+            purify(_model(), _config("cnc", **{name: "mixed"}, **small), **kw)
 
 
 def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
