@@ -87,7 +87,6 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_any_restart",
         "permutation_all_passing",
         "permutation_information",
-        "permutation_batches",
         "permutation_blend_restarts",
         "permutation_blend_alpha",
         "permutation_blend_batch",
@@ -142,5 +141,4 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "refit_weighting": ("rms", "none"),
     "allocation_spectra": ("weight", "response"),
     "permutation_information": ("full", "away"),
-    "permutation_batches": ("shared", "independent"),
 }

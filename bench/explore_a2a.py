@@ -68,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         "--blend-restarts", type=int, default=0, help="one-pattern search: whole-image blends"
     )
     p.add_argument("--blend-alpha", type=float, default=0.2)
-    p.add_argument(
-        "--batches", default="shared", help="one-pattern search: shared or independent draws"
-    )
     p.add_argument("--ipc", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -119,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
             information=args.information,
             blend_restarts=args.blend_restarts,
             blend_alpha=args.blend_alpha,
-            batches=args.batches,
         )
         inv = permutation_inversion(model, synth, cfg, generator=gen, **MS)
         found = inv

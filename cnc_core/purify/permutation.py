@@ -42,7 +42,6 @@ from cnc_core.purify.proxies import (
 from cnc_core.purify.synthesis import to_tensor_stats
 
 __all__ = [
-    "BATCHES",
     "INFORMATION",
     "PermutationInversionConfig",
     "PermutationInversionResult",
@@ -52,7 +51,6 @@ __all__ = [
 
 
 INFORMATION = ("full", "away")
-BATCHES = ("shared", "independent")
 
 
 @dataclass(frozen=True)
@@ -81,11 +79,6 @@ class PermutationInversionConfig:
     # that passes ranks first). 0: none.
     blend_restarts: int = 0
     blend_alpha: float = 0.2
-    # Each restart draws its own class-balanced batch every step ("independent") or all share
-    # one ("shared"). Shared batches tie the restarts together: on BadNet all-to-all's seed-1
-    # images one draw sequence took all three learned restarts to the exact mapping and
-    # another took all three to a collapse (explore-purify.md 4v)
-    batches: str = "shared"
 
 
 @dataclass
@@ -101,6 +94,7 @@ class PermutationInversionResult:
     mapping: list[int]  # most common stamped prediction per source class (-1: no images)
     blend: bool = False  # a whole-image blend restart (``blend_restarts``), mask fixed
     peak_share: float = 0.0  # :func:`mask_peak_share` of ``mask``
+    index: int = 0  # which restart (learned masks first, then blends), before ranking
     # every restart's own result (this one included), best final objective first: the
     # objective favours triggers that move few images (staying put is information too), so
     # a caller may prefer another restart by what it does (``PurifyConfig``'s gate does)
@@ -111,7 +105,7 @@ def mask_peak_share(mask: Tensor, window: int | None = None) -> float:
     """Share of a mask's mass in its densest ``window`` x ``window`` square (default: an
     eighth of the image side, 4 px at 32x32). Near 1 for a patch trigger's mask, small for
     one spread over the image (a warp's, a blend's); data-free. Measured on the inverted
-    permutation triggers (explore-purify.md 4v): BadNet all-to-all 0.31-0.55, WaNet 0.12-0.14,
+    permutation triggers (explore-purify.md 4v): BadNet all-to-all 0.27-0.58, WaNet 0.12-0.14,
     the clean model 0.07-0.08, a whole-image blend 1/64."""
     h, w = mask.shape[-2:]
     k = window or max(1, min(h, w) // 8)
@@ -170,16 +164,12 @@ def permutation_inversion(
     """
     if config.information not in INFORMATION:
         raise ValueError(f"information must be one of {INFORMATION}, not {config.information!r}")
-    if config.batches not in BATCHES:
-        raise ValueError(f"batches must be one of {BATCHES}, not {config.batches!r}")
-    independent = config.batches == "independent"
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images.device
     c, h, w = images.shape[1:]
     m = to_tensor_stats(mean, c, device)
     s = to_tensor_stats(std, c, device)
     clean = predict(model, images)
-    labels = clean.cpu()
     num_classes = _num_outputs(model, images)
     r = config.restarts + config.blend_restarts
     mask_raw = torch.full((config.restarts, 1, h, w), -2.0, device=device, requires_grad=True)
@@ -194,46 +184,41 @@ def permutation_inversion(
     report = _reporter(progress, stage)
 
     def objective(idx: Tensor) -> Tensor:
-        """Per-restart loss, restart ``k`` on the images ``idx[k]`` (``idx``: ``(r, n)``)."""
-        n = idx.shape[1]
-        pix = images[idx] * s + m  # (r, n, C, H, W)
+        """Per-restart loss on the images ``idx`` (shape ``(r,)``)."""
+        pix = images[idx] * s + m
         mask = masks()
         pattern = torch.sigmoid(pattern_raw)
-        stamped = (1 - mask[:, None]) * pix + (mask * pattern)[:, None]
+        stamped = (1 - mask[:, None]) * pix[None] + (mask * pattern)[:, None]
+        n = idx.numel()
         x = ((stamped - m) / s).reshape(r * n, c, h, w)
         q = F.softmax(model(x), dim=1).reshape(r, n, -1)
-        y = clean[idx]  # (r, n)
-        stay = q.gather(2, y[:, :, None]).squeeze(2)
+        y = clean[idx]
+        stay = q.gather(2, y[None, :, None].expand(r, n, 1)).squeeze(2)
         leave = -(1 - stay).clamp_min(1e-6).log().mean(1)
-        onehot = F.one_hot(y, q.shape[2]).float()  # (r, n, K)
+        onehot = F.one_hot(y, q.shape[2]).float()  # (n, K)
         if config.information == "away":
-            q = q * (1 - onehot)
+            q = q * (1 - onehot)[None]
             q = q / q.sum(2, keepdim=True).clamp_min(1e-12)
         marginal = _entropy(q.mean(1))
-        counts = onehot.sum(1)  # (r, K)
-        per_class = torch.einsum("rnk,rnj->rkj", onehot, q) / counts.clamp_min(1)[:, :, None]
+        counts = onehot.sum(0)  # (K,)
+        per_class = torch.einsum("nk,rnj->rkj", onehot, q) / counts.clamp_min(1)[None, :, None]
         present = counts > 0
-        conditional = (_entropy(per_class) * present).sum(1) / present.sum(1)
+        conditional = (_entropy(per_class) * present).sum(1) / present.sum()
         mi = marginal - conditional
         l1 = mask.reshape(r, -1).sum(1)
         return leave - config.mi_weight * mi + config.l1_weight * l1
 
-    def draw(per_class: int, independent: bool) -> Tensor:
-        """Class-balanced image indices, ``(r, n)``: one draw per restart or one shared."""
-        rows = r if independent else 1
-        idx = torch.stack([_balanced_index(labels, per_class, gen) for _ in range(rows)])
-        return idx.expand(r, -1).to(device)
-
     with _Frozen(model):
         for step in range(config.steps):
-            loss = objective(draw(config.images_per_class, independent)).sum()
+            idx = _balanced_index(clean.cpu(), config.images_per_class, gen).to(device)
+            loss = objective(idx).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             report((step + 1) / max(config.steps, 1) * 0.95)
         with torch.no_grad():
-            # ranked on one shared draw, so the objectives compare
-            order = objective(draw(config.images_per_class * 4, False)).argsort().tolist()
+            idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
+            order = objective(idx).argsort().tolist()
             candidates = []
             for k in order:
                 mask = masks()[k].detach()
@@ -251,6 +236,7 @@ def permutation_inversion(
                         mapping=mapping,
                         blend=k >= config.restarts,
                         peak_share=mask_peak_share(mask),
+                        index=k,
                     )
                 )
     report(1.0)

@@ -64,7 +64,6 @@ from cnc_core.purify.finetune import (
     recalibrate_bn,
 )
 from cnc_core.purify.permutation import (
-    BATCHES,
     INFORMATION,
     PermutationInversionConfig,
     PermutationInversionResult,
@@ -258,7 +257,7 @@ class PurifyConfig:
     # Likewise where the permutation trigger in use is a learned mask concentrated in a patch:
     # at least ``permutation_patch_peak`` of its mass in its densest square of an eighth of
     # the image side (:func:`.permutation.mask_peak_share`; BadNet all-to-all's masks hold
-    # 0.31-0.55 there, WaNet's 0.12-0.14). A patch trigger is what Neural Cleanse's inverted
+    # 0.27-0.58 there, WaNet's 0.12-0.14). A patch trigger is what Neural Cleanse's inverted
     # per-class masks resemble, so unlearning it with them dilutes it; a warp trigger
     # (WaNet) is left as before.
     permutation_patch_peak: float = 0.25
@@ -525,7 +524,6 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_steps": ("permutation", "steps"),
     "permutation_restarts": ("permutation", "restarts"),
     "permutation_information": ("permutation", "information"),
-    "permutation_batches": ("permutation", "batches"),
     "permutation_blend_restarts": ("permutation", "blend_restarts"),
     "permutation_blend_alpha": ("permutation", "blend_alpha"),
     "permutation_min_flip": ("permutation_min_flip",),
@@ -557,7 +555,6 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "refit_weighting": REFIT_WEIGHTINGS,
     "allocation_spectra": ALLOCATION_SPECTRA,
     "permutation_information": INFORMATION,
-    "permutation_batches": BATCHES,
 }
 
 

@@ -140,22 +140,3 @@ def test_blend_restarts_find_a_whole_image_all_to_all_blend(images: torch.Tensor
     # with no blend restart, every candidate's mask is learned
     plain = permutation_inversion(net, images, dataclasses.replace(CFG, restarts=1))
     assert not any(c.blend for c in plain.candidates)
-
-
-def test_independent_batches_find_the_trigger_with_their_own_draws(
-    a2a_net: nn.Module, images: torch.Tensor, a2a_inv: PermutationInversionResult
-) -> None:
-    """``batches="independent"``: each restart draws its own images every step. Every
-    restart still recovers the planted mapping, the search differs from the shared one, and
-    an unknown batching is refused."""
-    own = dataclasses.replace(CFG, batches="independent")
-    inv = permutation_inversion(a2a_net, images, own, mean=MEAN, std=STD)
-    for cand in inv.candidates:
-        right = sum(cand.mapping[c] == (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES))
-        assert right >= NUM_CLASSES - 1 and cand.flip_rate > 0.8
-    # same seed, same initial patterns: only the draws differ
-    assert not torch.equal(inv.mask, a2a_inv.mask)
-    with pytest.raises(ValueError, match="batches must be one of"):
-        permutation_inversion(
-            a2a_net, images, dataclasses.replace(CFG, batches="x"), mean=MEAN, std=STD
-        )
