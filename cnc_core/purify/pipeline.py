@@ -136,9 +136,11 @@ METHOD_COMPRESS_DEFAULTS: dict[str, dict[str, Any]] = {
 BLEND_PROXIES = ("none", "mean_diff", "noise", "both")  # PurifyConfig.blend_proxy
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
 DYNAMIC = DynamicInversionConfig()
-#: The preset's permutation search: three learned-mask restarts and one whole-image blend
-#: (session 15, explore-purify.md 4t).
-PERMUTATION = PermutationInversionConfig(blend_restarts=1)
+#: The preset's permutation search: six learned-mask restarts of 6 images per class a step
+#: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
+#: images 18 of 24 restarts found the trigger against 7 of 12, and every search did) and
+#: one whole-image blend (session 15, 4t).
+PERMUTATION = PermutationInversionConfig(restarts=6, images_per_class=6, blend_restarts=1)
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,9 @@ class PurifyConfig:
             # 15.10 -> 82.00 / 6.30); no other zoo model uses a blend trigger
             permutation_blend_batch="joint",
             permutation_blend_weight=16.0,
+            # ... and where it is a learned mask gathered in a patch, apart at weight 4
+            # (session 17, section 4v; BadNet all-to-all, whose trigger is a 3x3 patch)
+            permutation_patch_weight=4.0,
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
             dynamic=DYNAMIC,
@@ -634,7 +639,8 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     stages.append(("proxies", max(proxy_work, 0.1)))
     if config.permutation is not None and config.proxy.kind == "trigger_inversion":
         pm = config.permutation
-        stages.append(("permutation", pm.steps * pm.restarts * pm.images_per_class * 10 / 1000))
+        restarts = pm.restarts + pm.blend_restarts
+        stages.append(("permutation", pm.steps * restarts * pm.images_per_class * 10 / 1000))
     if config.dynamic is not None and config.proxy.kind == "trigger_inversion":
         dy = config.dynamic
         stages.append(("dynamic", dy.steps * dy.images_per_class * 10 / 1000))
