@@ -105,8 +105,9 @@ def mask_peak_share(mask: Tensor, window: int | None = None) -> float:
     """Share of a mask's mass in its densest ``window`` x ``window`` square (default: an
     eighth of the image side, 4 px at 32x32). Near 1 for a patch trigger's mask, small for
     one spread over the image (a warp's, a blend's); data-free. Measured on the inverted
-    permutation triggers (explore-purify.md 4v): BadNet all-to-all 0.27-0.58, WaNet 0.12-0.14,
-    the clean model 0.07-0.08, a whole-image blend 1/64."""
+    permutation triggers (explore-purify.md 4v): BadNet all-to-all 0.20-0.58 (0.33-0.57 on
+    the restarts the gate took), WaNet all-to-all 0.11-0.14, the clean model 0.07-0.09, a
+    whole-image blend 1/64."""
     h, w = mask.shape[-2:]
     k = window or max(1, min(h, w) // 8)
     m = mask.reshape(1, 1, h, w).float()

@@ -258,10 +258,10 @@ class PurifyConfig:
     permutation_blend_weight: float | None = None
     # Likewise where the permutation trigger in use is a learned mask concentrated in a patch:
     # at least ``permutation_patch_peak`` of its mass in its densest square of an eighth of
-    # the image side (:func:`.permutation.mask_peak_share`; BadNet all-to-all's masks hold
-    # 0.27-0.58 there, WaNet's 0.12-0.14). A patch trigger is what Neural Cleanse's inverted
-    # per-class masks resemble, so unlearning it with them dilutes it; a warp trigger
-    # (WaNet) is left as before.
+    # the image side (:func:`.permutation.mask_peak_share`; the masks used on BadNet
+    # all-to-all, a 3x3 patch, hold 0.33-0.57 there, WaNet all-to-all's 0.11-0.14). A warp
+    # trigger (WaNet) stays with the inverted triggers: split off, its backdoor came back
+    # (session 15, explore-purify.md 4t).
     permutation_patch_peak: float = 0.25
     permutation_patch_batch: str | None = None
     permutation_patch_weight: float | None = None
@@ -421,9 +421,10 @@ class PurifyConfig:
             # 15.10 -> 82.00 / 6.30); no other zoo model uses a blend trigger
             permutation_blend_batch="joint",
             permutation_blend_weight=16.0,
-            # ... and where it is a learned mask gathered in a patch, apart at weight 4
-            # (session 17, section 4v; BadNet all-to-all, whose trigger is a 3x3 patch)
-            permutation_patch_weight=4.0,
+            # ... and where it is a learned mask gathered in a patch, apart at weight 16
+            # (session 17, section 4v; BadNet all-to-all, two seeds: 84.20 / 11.55 ->
+            # 85.70 / 2.10 and 86.90 / 22.35 -> 85.80 / 3.85; weight 4 and 8 removed less)
+            permutation_patch_weight=16.0,
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
             dynamic=DYNAMIC,

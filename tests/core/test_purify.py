@@ -552,7 +552,7 @@ def test_shape_knobs_unlearn_a_blend_or_patch_trigger_apart(
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     preset = PurifyConfig.for_method("cnc")
     assert (preset.permutation_blend_batch, preset.permutation_blend_weight) == ("joint", 16.0)
-    assert (preset.permutation_patch_batch, preset.permutation_patch_weight) == (None, 4.0)
+    assert (preset.permutation_patch_batch, preset.permutation_patch_weight) == (None, 16.0)
     knobs = dict(
         permutation_blend_batch="joint",
         permutation_blend_weight=4.0,
