@@ -182,11 +182,11 @@ def _detection(report: dict[str, Any]) -> list[str]:
         lines += [f"Fine-tuning kept the {det['finetune_selection']}.", ""]
     apart = det.get("all_to_all_stamp")
     if apart:
+        # session-16 reports marked a blend with ``"blend": true`` instead of ``"shape"``
+        shape = apart.get("shape") or ("blend" if apart.get("blend") else "")
         lines += [
             "The all-to-all trigger"
-            + {"blend": " (a whole-image blend)", "patch": " (a patch)"}.get(
-                apart.get("shape", ""), ""
-            )
+            + {"blend": " (a whole-image blend)", "patch": " (a patch)"}.get(shape, "")
             + " was unlearnt apart from the inverted ones: half the stamped images, in the "
             f"{apart['batch']} batch mode, at weight {apart['weight']:g}.",
             "",

@@ -573,6 +573,9 @@ def test_shape_knobs_unlearn_a_blend_or_patch_trigger_apart(
         assert out.detection["all_to_all_stamp"] == stamp
         words = "a whole-image blend" if shape == "blend" else "a patch"
         assert f"trigger ({words}) was unlearnt apart" in page
+    # a report stored by session 16's code marked a blend as "blend": true
+    old = {"all_to_all_stamp": {"batch": "joint", "weight": 16.0, "blend": True}}
+    assert "(a whole-image blend) was unlearnt apart" in render_report({"detection": old})
     for name in ("permutation_blend_batch", "permutation_patch_batch"):
         with pytest.raises(ValueError, match=name):
             purify(_model(), _config("cnc", **{name: "mixed"}, **small), **kw)
