@@ -94,7 +94,6 @@ class PermutationInversionResult:
     mapping: list[int]  # most common stamped prediction per source class (-1: no images)
     blend: bool = False  # a whole-image blend restart (``blend_restarts``), mask fixed
     peak_share: float = 0.0  # :func:`mask_peak_share` of ``mask``
-    index: int = 0  # which restart (learned masks first, then blends), before ranking
     # every restart's own result (this one included), best final objective first: the
     # objective favours triggers that move few images (staying put is information too), so
     # a caller may prefer another restart by what it does (``PurifyConfig``'s gate does)
@@ -237,7 +236,6 @@ def permutation_inversion(
                         mapping=mapping,
                         blend=k >= config.restarts,
                         peak_share=mask_peak_share(mask),
-                        index=k,
                     )
                 )
     report(1.0)

@@ -1280,7 +1280,9 @@ def _add_permutation_trigger(
     if not config.permutation_any_restart:
         candidates = candidates[:1]
     records = [
-        _gate(c, config.permutation_min_flip, config.permutation_min_targets) for c in candidates
+        _gate(c, config.permutation_min_flip, config.permutation_min_targets)
+        | {"peak_share": c.peak_share}
+        for c in candidates
     ]
     chosen = next((i for i, r in enumerate(records) if r["used"]), 0)
     perm, record = candidates[chosen], records[chosen]
@@ -1320,7 +1322,6 @@ def _gate(
         "mutual_information": found.mutual_information,
         "top_share": found.top_share,
         "mapping": found.mapping,
-        "peak_share": getattr(found, "peak_share", None),
         "targets": targets,
         "used": found.flip_rate >= min_flip and targets >= min_targets * len(found.mapping),
     }
