@@ -89,6 +89,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "permutation_information",
         "permutation_blend_restarts",
         "permutation_blend_alpha",
+        "permutation_blend_images",
         "permutation_blend_batch",
         "permutation_blend_weight",
         "permutation_patch_peak",

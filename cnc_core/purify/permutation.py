@@ -79,6 +79,10 @@ class PermutationInversionConfig:
     # that passes ranks first). 0: none.
     blend_restarts: int = 0
     blend_alpha: float = 0.2
+    # Images per class a step for the blend restarts, drawn apart from the learned masks'
+    # batch (from a generator of its own, so the learned restarts see the same batches
+    # either way). None: they share the learned masks' batch of ``images_per_class``
+    blend_images_per_class: int | None = None
 
 
 @dataclass
@@ -183,11 +187,10 @@ def permutation_inversion(
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=(0.5, 0.9))
     report = _reporter(progress, stage)
 
-    def objective(idx: Tensor) -> Tensor:
-        """Per-restart loss on the images ``idx`` (shape ``(r,)``)."""
+    def objective(idx: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
+        """Loss of each (``mask``, ``pattern``) restart on the images ``idx``."""
         pix = images[idx] * s + m
-        mask = masks()
-        pattern = torch.sigmoid(pattern_raw)
+        r = mask.shape[0]
         stamped = (1 - mask[:, None]) * pix[None] + (mask * pattern)[:, None]
         n = idx.numel()
         x = ((stamped - m) / s).reshape(r * n, c, h, w)
@@ -208,17 +211,31 @@ def permutation_inversion(
         l1 = mask.reshape(r, -1).sum(1)
         return leave - config.mi_weight * mi + config.l1_weight * l1
 
+    learned = slice(0, config.restarts)
+    blends = slice(config.restarts, r)
+    blend_per_class = config.blend_images_per_class
+    apart = config.blend_restarts > 0 and blend_per_class is not None
+    blend_gen = torch.Generator().manual_seed(gen.initial_seed() + 1)
+
     with _Frozen(model):
         for step in range(config.steps):
             idx = _balanced_index(clean.cpu(), config.images_per_class, gen).to(device)
-            loss = objective(idx).sum()
+            pattern = torch.sigmoid(pattern_raw)
+            if apart and blend_per_class is not None:
+                blend_idx = _balanced_index(clean.cpu(), blend_per_class, blend_gen).to(device)
+                loss = objective(blend_idx, blend_mask, pattern[blends]).sum()
+                if config.restarts:
+                    mask = torch.sigmoid(mask_raw)
+                    loss = loss + objective(idx, mask, pattern[learned]).sum()
+            else:
+                loss = objective(idx, masks(), pattern).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             report((step + 1) / max(config.steps, 1) * 0.95)
         with torch.no_grad():
             idx = _balanced_index(clean.cpu(), config.images_per_class * 4, gen).to(device)
-            order = objective(idx).argsort().tolist()
+            order = objective(idx, masks(), torch.sigmoid(pattern_raw)).argsort().tolist()
             candidates = []
             for k in order:
                 mask = masks()[k].detach()

@@ -532,6 +532,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_information": ("permutation", "information"),
     "permutation_blend_restarts": ("permutation", "blend_restarts"),
     "permutation_blend_alpha": ("permutation", "blend_alpha"),
+    "permutation_blend_images": ("permutation", "blend_images_per_class"),
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "permutation_max_anomaly": ("permutation_max_anomaly",),

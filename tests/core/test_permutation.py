@@ -140,3 +140,24 @@ def test_blend_restarts_find_a_whole_image_all_to_all_blend(images: torch.Tensor
     # with no blend restart, every candidate's mask is learned
     plain = permutation_inversion(net, images, dataclasses.replace(CFG, restarts=1))
     assert not any(c.blend for c in plain.candidates)
+
+
+def test_blend_restarts_can_draw_a_batch_of_their_own(images: torch.Tensor) -> None:
+    """``blend_images_per_class``: the blend restarts see their own, larger batch (and still
+    find the blend's mapping) while the learned-mask restarts see the very batches they see
+    when the blend shares theirs."""
+    net = blend_all2all_tiny()
+    shared_cfg = dataclasses.replace(CFG, restarts=1, blend_restarts=1)
+    apart_cfg = dataclasses.replace(shared_cfg, blend_images_per_class=16)
+    shared = permutation_inversion(net, images, shared_cfg, mean=MEAN, std=STD)
+    apart = permutation_inversion(net, images, apart_cfg, mean=MEAN, std=STD)
+
+    def one(inv: PermutationInversionResult, is_blend: bool) -> PermutationInversionResult:
+        return next(c for c in inv.candidates if c.blend == is_blend)
+
+    assert torch.allclose(one(shared, False).mask, one(apart, False).mask, atol=1e-5)
+    assert torch.allclose(one(shared, False).pattern, one(apart, False).pattern, atol=1e-5)
+    assert not torch.equal(one(shared, True).pattern, one(apart, True).pattern)
+    found = one(apart, True)
+    right = sum(found.mapping[c] == (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES))
+    assert right >= NUM_CLASSES - 1 and found.flip_rate > 0.5
