@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         out["permutation"] = det["permutation_inversion"]
     if "dynamic_inversion" in det:
         out["dynamic"] = det["dynamic_inversion"]
+    if "warp_inversion" in det:
+        out["warp"] = det["warp_inversion"]
     if "all_to_all_stamp" in det:
         out["all_to_all_stamp"] = det["all_to_all_stamp"]
     if res.finetune is not None:

@@ -167,6 +167,7 @@ def _detection(report: dict[str, Any]) -> list[str]:
         "a generator of one mask + pattern per image that moves each class to another; "
         "mean mask L1",
     )
+    lines += _warp_lines(det.get("warp_inversion"))
     drawn = det.get("target_synthesis")
     if drawn and drawn.get("skipped"):
         lines += [f"Target-class images: none drawn; {drawn['skipped']}.", ""]
@@ -320,6 +321,27 @@ def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> li
         f"{name}: {what} {record['mask_norm']:.1f}, it moved {_pct(record['flip_rate'])} of "
         f"the synthetic images, at most {_pct(record['top_share'])} of them to one class; "
         f"{verdict}. Class mapping: {mapping} (onto {record.get('targets', '?')} classes)." + which,
+        "",
+    ]
+
+
+def _warp_lines(record: dict[str, Any] | None) -> list[str]:
+    """The report's paragraph on the warp trigger search (its detection record)."""
+    if not record:
+        return []
+    name = "Warp trigger (the warping-trigger proxy)"
+    if record.get("skipped"):
+        return [f"{name}: not searched; {record['skipped']}.", ""]
+    verdict = (
+        "stamped beside the inverted trigger in unlearning"
+        if record["used"]
+        else "not used (it reached too few images)"
+    )
+    return [
+        f"{name}: a smooth warp of at most {record['max_shift']:g} pixel sends "
+        f"{_pct(record['reach'])} of the synthetic images of other classes to class "
+        f"{record['suspected_target']} (anomaly index {record['anomaly_index']:.1f} among the "
+        f"classes); {verdict}.",
         "",
     ]
 

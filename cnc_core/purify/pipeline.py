@@ -103,6 +103,7 @@ from cnc_core.purify.sensitivity import (
     suppress_sensitive_ranks,
 )
 from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last, synthesize
+from cnc_core.purify.warp import WarpInversionConfig, warp_inversion, warp_stamp
 
 __all__ = [
     "ALLOCATION_SPECTRA",
@@ -136,6 +137,8 @@ METHOD_COMPRESS_DEFAULTS: dict[str, dict[str, Any]] = {
 BLEND_PROXIES = ("none", "mean_diff", "noise", "both")  # PurifyConfig.blend_proxy
 CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
 DYNAMIC = DynamicInversionConfig()
+#: The warp search's settings (``warp=true`` switches it on with these).
+WARP = WarpInversionConfig()
 #: The preset's permutation search: six learned-mask restarts of 6 images per class a step
 #: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
 #: images 18 of 24 restarts found the trigger against 7 of 12, and every search did) and
@@ -283,6 +286,14 @@ class PurifyConfig:
     dynamic: DynamicInversionConfig | None = None
     dynamic_min_flip: float = 0.6
     dynamic_min_targets: float = 0.8
+    # Warp trigger (:mod:`.warp`): where Neural Cleanse named no all-to-one target
+    # (``permutation_max_anomaly``, the all-to-all searches' rule), one bounded smooth
+    # sub-pixel warp per class is inverted, and the furthest-reaching one is stamped beside
+    # the inverted triggers when it sends at least ``warp_min_reach`` of the synthetic
+    # images of other classes to its class. For warping triggers (WaNet), which no mask +
+    # pattern reproduces. None disables.
+    warp: WarpInversionConfig | None = None
+    warp_min_reach: float = 0.8
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -542,6 +553,10 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "dynamic_spread": ("dynamic", "spread_weight"),
     "dynamic_min_flip": ("dynamic_min_flip",),
     "dynamic_min_targets": ("dynamic_min_targets",),
+    "warp": ("warp",),  # False/None disables
+    "warp_steps": ("warp", "steps"),
+    "warp_max_shift": ("warp", "max_shift"),
+    "warp_min_reach": ("warp_min_reach",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -573,6 +588,7 @@ def _optional_defaults() -> dict[str, Any]:
         "refit": RefitConfig(),
         "permutation": PERMUTATION,
         "dynamic": DYNAMIC,
+        "warp": WARP,
     }
 
 
@@ -646,6 +662,8 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     if config.dynamic is not None and config.proxy.kind == "trigger_inversion":
         dy = config.dynamic
         stages.append(("dynamic", dy.steps * dy.images_per_class * 10 / 1000))
+    if config.warp is not None and config.proxy.kind == "trigger_inversion":
+        stages.append(("warp", config.warp.steps * config.warp.images * 10 / 1000 * 1.5))
     if config.teacher_cleaning is not None:
         inv = config.proxy.inversion
         stages.append(
@@ -834,7 +852,9 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
-    searches = config.permutation is not None or config.dynamic is not None
+    searches = (
+        config.permutation is not None or config.dynamic is not None or config.warp is not None
+    )
     if searches and proxies.inversion is not None:
         # the all-to-all searches, skipped where Neural Cleanse names an all-to-one target
         anomaly = proxies.inversion.anomaly_index
@@ -845,6 +865,7 @@ def purify(
             if limit is not None and anomaly >= limit
             else None
         )
+        skipped_all_to_one = skipped  # the dynamic search's own reasons come on top
         if config.permutation is not None:
             with plan.stage("permutation"):
                 if skipped is None:
@@ -866,6 +887,16 @@ def purify(
             detection["dynamic_inversion"] = proxies.dynamic_record or {
                 "used": False,
                 "skipped": skipped,
+            }
+        if config.warp is not None:
+            with plan.stage("warp"):
+                if skipped_all_to_one is None:
+                    proxies = _add_warp_trigger(
+                        teacher, clean, proxies, config, mean, std, plan.nested("warp")
+                    )
+            detection["warp_inversion"] = proxies.warp_record or {
+                "used": False,
+                "skipped": skipped_all_to_one,
             }
 
     config = _permutation_trigger_settings(config, proxies)
@@ -1369,6 +1400,39 @@ def _add_dynamic_trigger(
     return _restamped(out, clean, config, mean, std, seed_offset=951)
 
 
+def _add_warp_trigger(
+    teacher: nn.Module,
+    clean: Tensor,
+    proxies: ProxySet,
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    progress: ProgressFn,
+) -> ProxySet:
+    """Invert one warp per class on ``teacher`` and add the furthest-reaching one past its
+    gate (``warp_min_reach``); ``warp_record`` says what was found. The proxy images are
+    re-stamped as :func:`_add_permutation_trigger` does."""
+    assert config.warp is not None and proxies.inversion is not None
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 970)
+    found = warp_inversion(
+        teacher, clean, config.warp, mean=mean, std=std, generator=gen, progress=progress
+    )
+    reach = found.success[found.suspected]
+    record = {
+        "suspected_target": found.suspected,
+        "reach": reach,
+        "success": found.success,
+        "anomaly_index": found.anomaly_index,
+        "max_shift": config.warp.max_shift,
+        "used": reach >= config.warp_min_reach,
+    }
+    out = dataclasses.replace(proxies, warp_record=record)
+    if not record["used"]:
+        return out
+    out.warp_field = found.fields[found.suspected]
+    return _restamped(out, clean, config, mean, std, seed_offset=971)
+
+
 def _stamp_of(
     config: PurifyConfig,
     proxies: ProxySet,
@@ -1378,7 +1442,7 @@ def _stamp_of(
     """The input-agnostic trigger behind ``proxies`` as a stamp function, if it has one."""
     if proxies.inversion is not None:
         masks, patterns = _stamped_triggers(config, proxies)
-        return _with_dynamic(masks, patterns, proxies, mean, std)
+        return _with_warp(_with_dynamic(masks, patterns, proxies, mean, std), proxies, mean, std)
     if proxies.universal is not None:
         return perturbation_stamp(proxies.universal, mean=mean, std=std)
     return None
@@ -1441,6 +1505,7 @@ def _finetune_stamps(
     inverted = None
     if inv_masks.shape[0]:
         inverted = trigger_stamp(inv_masks, inv_patterns, mean=mean, std=std)
+    inverted = _with_warp(inverted, proxies, mean, std)  # a warp is an all-to-one trigger
     a2a = None
     if perm_masks.shape[0] or proxies.dynamic_generator is not None:
         a2a = _with_dynamic(perm_masks, perm_patterns, proxies, mean, std)
@@ -1471,6 +1536,19 @@ def _with_dynamic(
     if proxies.dynamic_generator is not None:
         stamps.append(dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std))
     return mixed_stamp(stamps)
+
+
+def _with_warp(
+    stamp: StampFn | None,
+    proxies: ProxySet,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> StampFn | None:
+    """``stamp``, or where the proxies carry a warp trigger, it or the warp at random."""
+    if proxies.warp_field is None:
+        return stamp
+    warp = warp_stamp(proxies.warp_field, mean=mean, std=std)
+    return warp if stamp is None else mixed_stamp([stamp, warp])
 
 
 def _all_to_all_only(config: PurifyConfig, proxies: ProxySet) -> bool:

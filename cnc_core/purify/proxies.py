@@ -154,6 +154,9 @@ class ProxySet:
     # An input-dependent trigger generator (:mod:`.dynamic`) stamped beside them, and its record
     dynamic_generator: nn.Module | None = None
     dynamic_record: dict[str, Any] | None = None
+    # A warp trigger (:mod:`.warp`, a (H, W, 2) field) stamped beside them, and its record
+    warp_field: Tensor | None = None
+    warp_record: dict[str, Any] | None = None
 
 
 def _reporter(progress: ProgressFn | None, stage: str) -> Callable[[float], None]:

@@ -616,6 +616,33 @@ def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     assert "not searched" in render_report({"detection": skip.detection})
 
 
+def test_warp_knob_stamps_the_warp_only_past_its_bar() -> None:
+    """The warp search runs in its own timed stage where no all-to-one target was named;
+    past ``warp_min_reach`` its warp joins the stamped triggers (the training changes),
+    below it nothing changes, and the report says which."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    small = dict(detect=False, permutation=False, dynamic=False, permutation_max_anomaly=None)
+    plain = purify(model, _config("cnc", warp=False, **small), **kw)
+    assert "warp" not in plain.timings and "warp_inversion" not in plain.detection
+    off = purify(model, _config("cnc", warp_steps=3, warp_min_reach=1.01, **small), **kw)
+    on = purify(model, _config("cnc", warp_steps=3, warp_min_reach=0.0, **small), **kw)
+    rec = on.detection["warp_inversion"]
+    assert "warp" in on.timings and rec["used"] is True
+    assert off.detection["warp_inversion"]["used"] is False
+    assert len(rec["success"]) == 4 and rec["reach"] == max(rec["success"])
+    assert torch.allclose(off.model(x), plain.model(x), atol=1e-6)
+    assert not torch.allclose(on.model(x), plain.model(x), atol=1e-6)
+    assert "Warp trigger" in render_report({"detection": on.detection})
+    assert "stamped beside the inverted trigger" in render_report({"detection": on.detection})
+    assert "reached too few images" in render_report({"detection": off.detection})
+    # a clear all-to-one target: no search
+    named = dict(small, permutation_max_anomaly=0.0)
+    skip = purify(model, _config("cnc", warp_steps=3, **named), **kw)
+    assert "anomaly index" in skip.detection["warp_inversion"]["skipped"]
+
+
 def test_cleaning_can_use_the_all_to_all_trigger() -> None:
     """With ``cleaning_all_to_all`` and a permutation trigger past its gate, cleaning scores
     the channels on images stamped with that trigger alone, counts its reach by the trigger's
