@@ -180,13 +180,15 @@ class PurifyConfig:
     # what removes the backdoor: undone, 3x ASR 1.76% -> 54.07%. The mask cannot tell the
     # two apart, so the preset leaves it off. None disables.
     cleaning_min_mask_growth: float | None = None
-    # Third guard (the cnc preset sets 0.65): a cleaning round is undone (and cleaning stops)
+    # Third guard (the cnc preset sets 0.8): a cleaning round is undone (and cleaning stops)
     # when the cleaned model still sends more than this share of the round's trigger-stamped
     # images (those whose clean source the original does not assign to the target) to the
     # target: the pruning did not take the trigger's path, only some clean function. Every
     # round records both shares (``flip_before``, ``flip_after``). Measured (section 4o):
     # BadNet 0.99 -> 0.08, InputAware 0.95 -> 0.56 (both cleanings remove the backdoor),
-    # Blended 0.92 -> 0.75 (the cleaned teacher's ASR stays 99.95%). None disables.
+    # Blended 0.92 -> 0.75 (the cleaned teacher's ASR stays 99.95%). On another host's
+    # synthetic images InputAware's cleaning left 0.74 (section 4w), so the bar went from
+    # 0.65 to 0.8. None disables.
     cleaning_max_flip: float | None = None
     # Fourth guard: a cleaning round is undone (and cleaning stops) unless it cut the
     # trigger's reach (``flip_before`` -> ``flip_after``) by at least this share of what it
@@ -403,10 +405,13 @@ class PurifyConfig:
             sensitivity=SensitivityConfig(),
             teacher_cleaning=CLEANING,
             # session 10 (section 4o, 2,000 test images, 3x): a cleaning after which the
-            # inverted trigger still reaches the target on > 65% of the stamped images is
+            # inverted trigger still reaches the target on > 65% of the stamped images was
             # undone (Blended all-to-one 0.92 -> 0.75, teacher ASR stays 99.95: 82.15 / 0.95
-            # -> 84.75 / 1.45; BadNet 0.99 -> 0.08 and InputAware 0.96 -> 0.54 kept) ...
-            cleaning_max_flip=0.65,
+            # -> 84.75 / 1.45; BadNet 0.99 -> 0.08 and InputAware 0.96 -> 0.54 kept). Session
+            # 18 (section 4w, a 2-core EPYC): InputAware's cleaning left 0.74 there and was
+            # undone (88.00 / 52.65; at 0.8, 87.50 / 1.65), Blended's 0.79 (84.40 / 2.25; at
+            # 0.8 kept, 83.50 / 1.80). The bar is 0.8: removal first ...
+            cleaning_max_flip=0.8,
             # ... and where the cleaning took that reach to <= 30%, 256 images of the target
             # drawn from the cleaned teacher join fine-tuning (BadNet all-to-one: target
             # recall 44.0 -> 74.0, 85.85 / 1.10 -> 89.10 / 3.90; on InputAware, where the
