@@ -1,9 +1,9 @@
 """Administration: API keys and migrations.
 
-    python -m app.cli keys create --tenant acme [--name ci]   # prints the key once
-    python -m app.cli keys list [--tenant acme]
-    python -m app.cli keys revoke <prefix>
-    python -m app.cli migrate
+python -m app.cli keys create --tenant acme [--name ci]   # prints the key once
+python -m app.cli keys list [--tenant acme]
+python -m app.cli keys revoke <prefix>
+python -m app.cli migrate
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def revoke_key(engine: Engine, prefix: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     ksub = keys.add_subparsers(dest="action", required=True)

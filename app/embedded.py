@@ -69,8 +69,9 @@ def _api_key(home: Path) -> str:
         token = path.read_text().strip()
         with Session(engine) as session:
             key = session.scalars(
-                select(ApiKey).where(ApiKey.prefix == (parse_prefix(token) or ""),
-                                     ApiKey.revoked_at.is_(None))
+                select(ApiKey).where(
+                    ApiKey.prefix == (parse_prefix(token) or ""), ApiKey.revoked_at.is_(None)
+                )
             ).one_or_none()
         if key is not None and key.key_hash == hash_key(token, settings.secret_key):
             return token
@@ -123,13 +124,37 @@ def main() -> int:
     host = os.environ.get("CNC_HOST", "127.0.0.1")
     port = os.environ.get("CNC_PORT", "8000")
     base = f"http://{host}:{port}"
-    worker_cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                  "--pool=solo", "--concurrency=1", "--loglevel=WARNING",
-                  "-Q", f"{settings.job_queue},{settings.light_queue}",
-                  "--without-gossip", "--without-mingle"]
+    worker_cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "--loglevel=WARNING",
+        "-Q",
+        f"{settings.job_queue},{settings.light_queue}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host,
-                          "--port", port, "--log-level", "warning"], cwd=ROOT),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                host,
+                "--port",
+                port,
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+        ),
         subprocess.Popen(worker_cmd, cwd=ROOT),
     ]
 
@@ -147,7 +172,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _wait_ready(base, procs)
-    print(f"""
+    print(
+        f"""
 cnc is running at {base}   (OpenAPI: {base}/docs)
 API key: {token}
 
@@ -155,7 +181,9 @@ API key: {token}
   curl -s -H "Authorization: Bearer $CNC_KEY" -F file=@model.safetensors $CNC_URL/v1/models
 
 Ctrl-C stops the API, the worker and the embedded servers.
-""", flush=True)
+""",
+        flush=True,
+    )
     # Supervise: a worker that exits (the hard time limit SIGKILLs its own worker) is
     # replaced, unless it keeps dying; the API exiting stops everything.
     restarts: list[float] = []

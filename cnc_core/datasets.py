@@ -98,9 +98,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
-def load_fashion_mnist(
-    root: Path, split: Literal["train", "test"]
-) -> tuple[Tensor, Tensor]:
+def load_fashion_mnist(root: Path, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
     """Load one split of Fashion-MNIST from the idx files in ``root``.
 
     Parameters

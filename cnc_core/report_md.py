@@ -186,7 +186,7 @@ def _detection(report: dict[str, Any]) -> list[str]:
         # session-16 reports marked a blend with ``"blend": true`` instead of ``"shape"``
         shape = apart.get("shape") or ("blend" if apart.get("blend") else "")
         lines += [
-            "The all-to-all trigger"
+            ("The warp trigger" if shape == "warp" else "The all-to-all trigger")
             + {"blend": " (a whole-image blend)", "patch": " (a patch)"}.get(shape, "")
             + " was unlearnt apart from the inverted ones: half the stamped images, in the "
             f"{apart['batch']} batch mode, at weight {apart['weight']:g}.",

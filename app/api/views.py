@@ -110,8 +110,9 @@ def read_job(engine: Engine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobOut 
         found: Sequence[Any] = ()
         if row.status == JobStatus.SUCCEEDED:
             found = conn.execute(
-                select(artifacts.c.name, artifacts.c.size, artifacts.c.sha256,
-                       artifacts.c.content_type)
+                select(
+                    artifacts.c.name, artifacts.c.size, artifacts.c.sha256, artifacts.c.content_type
+                )
                 .where(artifacts.c.job_id == job_id)
                 .order_by(artifacts.c.name)
             ).all()

@@ -221,11 +221,15 @@ def iter_blob(
         upto = min(seq + per_query, last + 1)
         # A connection per batch: a slow client never pins a pooled connection for long.
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(BlobChunk.data)
-                .where(BlobChunk.blob_id == blob_id, BlobChunk.seq >= seq, BlobChunk.seq < upto)
-                .order_by(BlobChunk.seq)
-            ).scalars().all()
+            rows = (
+                conn.execute(
+                    select(BlobChunk.data)
+                    .where(BlobChunk.blob_id == blob_id, BlobChunk.seq >= seq, BlobChunk.seq < upto)
+                    .order_by(BlobChunk.seq)
+                )
+                .scalars()
+                .all()
+            )
         if len(rows) != upto - seq:
             raise RuntimeError(f"blob {blob_id} is missing chunks {seq}..{upto - 1}")
         data = b"".join(rows) if len(rows) > 1 else bytes(rows[0])

@@ -64,9 +64,9 @@ class InputAware(Attack):
         self.b2 = torch.randn(channels, generator=g) * 0.5
         self.wm = torch.randn(1, channels, 5, 5, generator=g) * (2.0 / (channels * 25)) ** 0.5
         field = torch.randn(1, 1, 8, 8, generator=g)
-        self.field = F.interpolate(
-            field, size=image_size, mode="bilinear", align_corners=True
-        )[0]  # (1, H, W): a smooth field so blank backgrounds still get a definite mask
+        self.field = F.interpolate(field, size=image_size, mode="bilinear", align_corners=True)[
+            0
+        ]  # (1, H, W): a smooth field so blank backgrounds still get a definite mask
 
     def _params(self, ref: Tensor) -> list[Tensor]:
         return [

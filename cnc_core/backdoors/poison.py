@@ -173,8 +173,15 @@ def poison_dataset(
     )
     g = torch.Generator().manual_seed(seed + 1)
     out_x, out_y = poison_batch(
-        images, labels, plan.poison_mask, plan.cross_mask, attack,
-        mode=mode, target=target, num_classes=num_classes, generator=g,
+        images,
+        labels,
+        plan.poison_mask,
+        plan.cross_mask,
+        attack,
+        mode=mode,
+        target=target,
+        num_classes=num_classes,
+        generator=g,
     )
     return PoisonedDataset(out_x, out_y, plan.poison_mask, plan.cross_mask)
 

@@ -296,6 +296,11 @@ class PurifyConfig:
     # pattern reproduces. None disables.
     warp: WarpInversionConfig | None = None
     warp_min_reach: float = 0.8
+    # Where the warp is used (and no blend or patch permutation trigger is unlearnt apart),
+    # fine-tuning unlearns it apart from the inverted triggers in this BN batch mode and at
+    # this weight, as ``permutation_blend_*`` does a blend. None, None: beside them.
+    warp_batch: str | None = None
+    warp_weight: float | None = None
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -562,6 +567,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_steps": ("warp", "steps"),
     "warp_max_shift": ("warp", "max_shift"),
     "warp_min_reach": ("warp_min_reach",),
+    "warp_batch": ("warp_batch",),
+    "warp_weight": ("warp_weight",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -577,6 +584,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "all_to_all_batch": STAMPED_BATCHES,
     "permutation_blend_batch": STAMPED_BATCHES,
     "permutation_patch_batch": STAMPED_BATCHES,
+    "warp_batch": STAMPED_BATCHES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -904,7 +912,7 @@ def purify(
                 "skipped": skipped_all_to_one,
             }
 
-    config = _permutation_trigger_settings(config, proxies)
+    config = _apart_trigger_settings(config, proxies)
     kd_teacher = teacher
     trigger_untrusted = False
     target_extra: Tensor | None = None
@@ -1016,7 +1024,7 @@ def purify(
     if a2a_stamp is not None:
         a2a_batch, a2a_weight = ft_cfg.all_to_all_settings()
         detection["all_to_all_stamp"] = {"batch": a2a_batch, "weight": a2a_weight}
-        trigger_shape = _permutation_shape(config, proxies)
+        trigger_shape = _apart_shape(config, proxies)
         if trigger_shape is not None:
             detection["all_to_all_stamp"]["shape"] = trigger_shape
     blend = None
@@ -1453,30 +1461,31 @@ def _stamp_of(
     return None
 
 
-def _permutation_shape(config: PurifyConfig, proxies: ProxySet) -> str | None:
+def _apart_shape(config: PurifyConfig, proxies: ProxySet) -> str | None:
     """``"blend"`` or ``"patch"`` where the permutation trigger in use is a whole-image blend
-    or a learned mask concentrated in a patch (``permutation_patch_peak``), else None."""
+    or a learned mask concentrated in a patch (``permutation_patch_peak``), else ``"warp"``
+    where a warp trigger is in use, else None: the trigger fine-tuning may unlearn apart."""
     record = proxies.permutation_record or {}
-    if not record.get("used"):
-        return None
-    if record.get("blend"):
-        return "blend"
-    if record.get("peak_share", 0.0) >= config.permutation_patch_peak:
-        return "patch"
-    return None
+    if record.get("used"):
+        if record.get("blend"):
+            return "blend"
+        if record.get("peak_share", 0.0) >= config.permutation_patch_peak:
+            return "patch"
+    return "warp" if proxies.warp_field is not None else None
 
 
-def _permutation_trigger_settings(config: PurifyConfig, proxies: ProxySet) -> PurifyConfig:
-    """``config`` with ``permutation_blend_*`` / ``permutation_patch_*`` as the fine-tuning's
-    all-to-all settings where the permutation trigger in use is a blend / a patch."""
-    shape = _permutation_shape(config, proxies)
+def _apart_trigger_settings(config: PurifyConfig, proxies: ProxySet) -> PurifyConfig:
+    """``config`` with ``permutation_blend_*`` / ``permutation_patch_*`` / ``warp_*`` as the
+    fine-tuning's apart settings (``all_to_all_*``) where the trigger in use is a blend / a
+    patch / a warp."""
+    shape = _apart_shape(config, proxies)
     if shape is None:
         return config
-    batch, weight = (
-        (config.permutation_blend_batch, config.permutation_blend_weight)
-        if shape == "blend"
-        else (config.permutation_patch_batch, config.permutation_patch_weight)
-    )
+    batch, weight = {
+        "blend": (config.permutation_blend_batch, config.permutation_blend_weight),
+        "patch": (config.permutation_patch_batch, config.permutation_patch_weight),
+        "warp": (config.warp_batch, config.warp_weight),
+    }[shape]
     if batch is None and weight is None:
         return config
     ft = config.finetune
@@ -1510,10 +1519,14 @@ def _finetune_stamps(
     inverted = None
     if inv_masks.shape[0]:
         inverted = trigger_stamp(inv_masks, inv_patterns, mean=mean, std=std)
-    inverted = _with_warp(inverted, proxies, mean, std)  # a warp is an all-to-one trigger
     a2a = None
     if perm_masks.shape[0] or proxies.dynamic_generator is not None:
         a2a = _with_dynamic(perm_masks, perm_patterns, proxies, mean, std)
+    # the warp (an all-to-one trigger) goes apart only where it is what the split is for
+    if _apart_shape(config, proxies) == "warp":
+        a2a = _with_warp(a2a, proxies, mean, std)
+    else:
+        inverted = _with_warp(inverted, proxies, mean, std)
     return inverted, a2a
 
 

@@ -26,7 +26,6 @@ from cnc_core.progress import ProgressFn
 from cnc_core.purify.proxies import Norm, _Frozen, _num_outputs, _reporter, predict
 from cnc_core.purify.synthesis import to_tensor_stats
 
-
 #: Floor of the MAD in the anomaly index (a share of images): where every other class's warp
 #: reaches no image, the index stays finite and comparable.
 MAD_FLOOR = 0.01

@@ -637,6 +637,17 @@ def test_warp_knob_stamps_the_warp_only_past_its_bar() -> None:
     assert "Warp trigger" in render_report({"detection": on.detection})
     assert "stamped beside the inverted trigger" in render_report({"detection": on.detection})
     assert "reached too few images" in render_report({"detection": off.detection})
+    assert "all_to_all_stamp" not in on.detection  # beside the inverted triggers
+    apart = purify(
+        model,
+        _config(
+            "cnc", warp_steps=3, warp_min_reach=0.0, warp_batch="joint", warp_weight=4, **small
+        ),
+        **kw,
+    )
+    assert apart.detection["all_to_all_stamp"] == {"batch": "joint", "weight": 4, "shape": "warp"}
+    assert "The warp trigger was unlearnt apart" in render_report({"detection": apart.detection})
+    assert not torch.allclose(apart.model(x), on.model(x), atol=1e-6)
     # a clear all-to-one target: no search
     named = dict(small, permutation_max_anomaly=0.0)
     skip = purify(model, _config("cnc", warp_steps=3, **named), **kw)
