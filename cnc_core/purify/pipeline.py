@@ -865,11 +865,10 @@ def purify(
         }
         detection["histograms"]["inverted_trigger_before"] = proxies.histogram
 
-    searches = (
-        config.permutation is not None or config.dynamic is not None or config.warp is not None
-    )
+    searches = any(getattr(config, s) is not None for s in ("permutation", "dynamic", "warp"))
     if searches and proxies.inversion is not None:
-        # the all-to-all searches, skipped where Neural Cleanse names an all-to-one target
+        # the searches for triggers Neural Cleanse cannot invert (all-to-all, warp), skipped
+        # where it names an all-to-one target
         anomaly = proxies.inversion.anomaly_index
         limit = config.permutation_max_anomaly
         skipped = (
@@ -878,38 +877,24 @@ def purify(
             if limit is not None and anomaly >= limit
             else None
         )
-        skipped_all_to_one = skipped  # the dynamic search's own reasons come on top
-        if config.permutation is not None:
-            with plan.stage("permutation"):
-                if skipped is None:
-                    proxies = _add_permutation_trigger(
-                        teacher, clean, proxies, config, mean, std, plan.nested("permutation")
-                    )
-            detection["permutation_inversion"] = proxies.permutation_record or {
+        # each search in its own timed stage; its record (or why it was skipped) goes to
+        # ``detection["<stage>_inversion"]``
+        for stage, add in (
+            ("permutation", _add_permutation_trigger),
+            ("dynamic", _add_dynamic_trigger),
+            ("warp", _add_warp_trigger),
+        ):
+            if getattr(config, stage) is None:
+                continue
+            reason = skipped
+            if stage == "dynamic" and reason is None and _permutation_used(proxies):
+                reason = "the one-pattern permutation trigger was found and is used"
+            with plan.stage(stage):
+                if reason is None:
+                    proxies = add(teacher, clean, proxies, config, mean, std, plan.nested(stage))
+            detection[f"{stage}_inversion"] = getattr(proxies, f"{stage}_record") or {
                 "used": False,
-                "skipped": skipped,
-            }
-        if config.dynamic is not None:
-            if skipped is None and (proxies.permutation_record or {}).get("used"):
-                skipped = "the one-pattern permutation trigger was found and is used"
-            with plan.stage("dynamic"):
-                if skipped is None:
-                    proxies = _add_dynamic_trigger(
-                        teacher, clean, proxies, config, mean, std, plan.nested("dynamic")
-                    )
-            detection["dynamic_inversion"] = proxies.dynamic_record or {
-                "used": False,
-                "skipped": skipped,
-            }
-        if config.warp is not None:
-            with plan.stage("warp"):
-                if skipped_all_to_one is None:
-                    proxies = _add_warp_trigger(
-                        teacher, clean, proxies, config, mean, std, plan.nested("warp")
-                    )
-            detection["warp_inversion"] = proxies.warp_record or {
-                "used": False,
-                "skipped": skipped_all_to_one,
+                "skipped": reason,
             }
 
     config = _apart_trigger_settings(config, proxies)
@@ -1299,6 +1284,11 @@ def _all_to_all_trigger(
             proxies.permutation_record["mapping"],
         )
     return None
+
+
+def _permutation_used(proxies: ProxySet) -> bool:
+    """Whether the one-pattern permutation trigger passed its gate."""
+    return bool((proxies.permutation_record or {}).get("used"))
 
 
 def _add_permutation_trigger(
