@@ -305,6 +305,8 @@ def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> li
         if record["used"]
         else "not used (it moved too few images, or onto a few natural classes)"
     )
+    if record.get("replaced_by"):
+        verdict = f"replaced by the {record['replaced_by']} trigger, which passed its stricter gate"
     mapping = ", ".join(f"{c}->{t}" for c, t in enumerate(record["mapping"]) if t >= 0)
     restarts = record.get("restarts", [])
     which = (

@@ -879,6 +879,7 @@ def purify(
         )
         # each search in its own timed stage; its record (or why it was skipped) goes to
         # ``detection["<stage>_inversion"]``
+        reasons: dict[str, str | None] = {}
         for stage, add in (
             ("permutation", _add_permutation_trigger),
             ("dynamic", _add_dynamic_trigger),
@@ -887,11 +888,13 @@ def purify(
             if getattr(config, stage) is None:
                 continue
             reason = skipped
-            if stage == "dynamic" and reason is None and _permutation_used(proxies):
+            if stage == "dynamic" and reason is None and _permutation_used(proxies, blend=False):
                 reason = "the one-pattern permutation trigger was found and is used"
+            reasons[stage] = reason
             with plan.stage(stage):
                 if reason is None:
                     proxies = add(teacher, clean, proxies, config, mean, std, plan.nested(stage))
+        for stage, reason in reasons.items():  # after all: a later search may replace a find
             detection[f"{stage}_inversion"] = getattr(proxies, f"{stage}_record") or {
                 "used": False,
                 "skipped": reason,
@@ -1286,9 +1289,11 @@ def _all_to_all_trigger(
     return None
 
 
-def _permutation_used(proxies: ProxySet) -> bool:
-    """Whether the one-pattern permutation trigger passed its gate."""
-    return bool((proxies.permutation_record or {}).get("used"))
+def _permutation_used(proxies: ProxySet, *, blend: bool = True) -> bool:
+    """Whether the one-pattern permutation trigger passed its gate (``blend=False``: and is
+    a learned mask, not a whole-image blend restart)."""
+    record = proxies.permutation_record or {}
+    return bool(record.get("used")) and (blend or not record.get("blend"))
 
 
 def _add_permutation_trigger(
@@ -1389,7 +1394,12 @@ def _add_dynamic_trigger(
 ) -> ProxySet:
     """Invert a trigger generator on ``teacher`` and add it past its gate
     (``dynamic_min_flip``, ``dynamic_min_targets``); ``dynamic_record`` says what was
-    found. The proxy images are re-stamped as :func:`_add_permutation_trigger` does."""
+    found. The proxy images are re-stamped as :func:`_add_permutation_trigger` does.
+
+    It also runs where the permutation trigger in use is a whole-image blend restart, and
+    past its stricter gate replaces it: the blend restart's gate (5 of 10 classes) also
+    passed a partial collapse on InputAware all-to-all's synthetic images (session 18,
+    explore-purify.md 4w), whose per-image trigger the dynamic search finds."""
     assert config.dynamic is not None and proxies.inversion is not None
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 950)
     dyn = dynamic_inversion(
@@ -1400,6 +1410,11 @@ def _add_dynamic_trigger(
     if not record["used"]:
         return out
     out.dynamic_generator = dyn.generator
+    if _permutation_used(out):  # a blend restart's find gives way
+        assert out.permutation_record is not None
+        out.permutation_record = {**out.permutation_record, "used": False}
+        out.permutation_record["replaced_by"] = "dynamic"
+        out.extra_triggers = None
     return _restamped(out, clean, config, mean, std, seed_offset=951)
 
 

@@ -610,6 +610,18 @@ def test_dynamic_knob_searches_where_no_pattern_permutation_is_used() -> None:
     used = purify(model, _config("cnc", **gate, **both), **kw)
     assert used.detection["permutation_inversion"]["used"] is True
     assert "found and is used" in used.detection["dynamic_inversion"]["skipped"]
+    # a blend restart used: the dynamic search still runs, and past its gate replaces it
+    blend = dict(small, permutation=True, permutation_restarts=0, dynamic=True)
+    blend.update(permutation_blend_restarts=1)
+    replaced = purify(model, _config("cnc", **gate, **blend), **kw)
+    perm = replaced.detection["permutation_inversion"]
+    assert perm["blend"] is True and perm["used"] is False and perm["replaced_by"] == "dynamic"
+    assert replaced.detection["dynamic_inversion"]["used"] is True
+    assert "all_to_all_stamp" not in replaced.detection  # the blend is not unlearnt apart
+    assert "replaced by the dynamic trigger" in render_report({"detection": replaced.detection})
+    kept = purify(model, _config("cnc", **dict(gate, dynamic_min_flip=1.01), **blend), **kw)
+    assert kept.detection["permutation_inversion"]["used"] is True
+    assert kept.detection["dynamic_inversion"]["used"] is False
     # a clear all-to-one target: neither search
     skip = purify(model, _config("cnc", **dict(both, permutation_max_anomaly=0.0)), **kw)
     assert "anomaly index" in skip.detection["dynamic_inversion"]["skipped"]
