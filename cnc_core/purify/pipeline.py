@@ -277,7 +277,8 @@ class PurifyConfig:
     # Saves the stage (58 s at 2 threads on a 2-core EPYC) where it cannot be used.
     permutation_max_anomaly: float | None = 2.5
     # Dynamic permutation trigger (:mod:`.dynamic`): where the one-pattern search above found
-    # no permutation (searched and gated out), a small conv generator of per-image triggers
+    # no permutation (searched and gated out) or only a blend restart's (which it then
+    # replaces past its own gate, session 18), a small conv generator of per-image triggers
     # is inverted with the same objective plus a spread term, and stamped beside the inverted
     # triggers when it moves at least ``dynamic_min_flip`` of the synthetic images and maps
     # onto at least ``dynamic_min_targets`` of the classes. For input-aware all-to-all
