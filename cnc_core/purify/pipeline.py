@@ -539,6 +539,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "augment": ("finetune", "augment"),
     "shift": ("finetune", "shift"),
     "flip": ("finetune", "flip"),
+    "mixup": ("finetune", "mixup"),
     "stamp_fraction": ("finetune", "stamp_fraction"),
     "recal_stamped": ("finetune", "recal_stamped"),
     "proxy_labels": ("finetune", "proxy_labels"),

@@ -13,6 +13,7 @@ from cnc_core.purify.finetune import (
     agreement,
     augment_batch,
     finetune,
+    mixup_batch,
     recalibrate_bn,
 )
 from tests.core.test_synthesis import tiny_net
@@ -288,6 +289,32 @@ def test_augment_batch_shifts_and_flips() -> None:
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in pairs)
     shifted = augment_batch(x, g, shift=2, flip=False)
     assert shifted.shape == x.shape and not torch.equal(shifted, x)
+
+
+def test_mixup_batch_blends_each_image_with_another_and_mostly_keeps_itself() -> None:
+    x = torch.stack([torch.full((3, 4, 4), float(i)) for i in range(16)])
+    mixed = mixup_batch(x, torch.Generator().manual_seed(0), alpha=1.0)
+    again = mixup_batch(x, torch.Generator().manual_seed(0), alpha=1.0)
+    assert torch.equal(mixed, again)  # seeded by the generator, not by torch's global RNG
+    assert not torch.equal(mixed, x)
+    # each image is a constant again (a convex mix of two constants), within the batch's range
+    assert torch.allclose(mixed, mixed.mean(dim=(1, 2, 3), keepdim=True).expand_as(mixed))
+    assert float(mixed.min()) >= 0.0 and float(mixed.max()) <= 15.0
+    # folded weight >= 0.5: each image stays nearer itself than the batch's farthest image
+    own = x[:, 0, 0, 0]
+    assert ((mixed[:, 0, 0, 0] - own).abs() <= 7.5 + 1e-5).all()
+
+
+def test_finetune_with_mixup_runs_the_teacher_each_step_and_improves_agreement() -> None:
+    teacher = tiny_net(seed=1)
+    student = _damaged_student(teacher)
+    clean = _data(128)
+    probe = _data(256, seed=9)
+    before = agreement(student, teacher, probe)
+    cfg = FinetuneConfig(epochs=8, lr=5e-3, batch_size=32, holdout=0.2, patience=8, mixup=1.0)
+    res = finetune(student, teacher, clean, None, None, cfg)
+    assert agreement(student, teacher, probe) > before + 0.05
+    assert len(res.history) >= 2
 
 
 def test_feature_distillation_matches_bn_outputs_and_removes_its_hooks() -> None:
