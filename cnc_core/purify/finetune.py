@@ -103,6 +103,14 @@ class FinetuneConfig:
     # in explore-purify 4x, mixup=1.0 re-implants Blended's backdoor (a blend is what it
     # teaches: Blended all-to-one 84.65 / 91.75) and costs BadNet all-to-all 1.65 ACC points.
     mixup: float = 0.0
+    # With a ``logit_teacher`` (the pipeline passes the ORIGINAL model where the teacher is a
+    # cleaned copy of it): share of its logits in the distillation target and the clean
+    # labels, ``(1 - share) * teacher + share * logit_teacher``; the BN outputs still come
+    # from ``teacher``. The cleaned teacher has lost much of the target class (recall 88 ->
+    # 54-78%, explore-purify 4n), which its logits pass on; the original's logits on clean
+    # synthetic images are right, and the trigger's path is what feature distillation from
+    # the cleaned teacher and unlearning remove. 0: the teacher's logits alone.
+    logit_teacher_share: float = 0.0
     # With a ``stamp`` function: share of each batch stamped with the trigger (after
     # augmentation, as a real trigger is applied) and labelled by the teacher on the clean
     # augmented image: "hard" (its arg-max, CE) or "soft" (its logits, KD).
@@ -396,6 +404,7 @@ def finetune(
     stamp: StampFn | None = None,
     refresh_stamp: StampRefreshFn | None = None,
     all_to_all_stamp: StampFn | None = None,
+    logit_teacher: nn.Module | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (in place) towards ``teacher`` on synthetic data, unlearning proxies.
 
@@ -426,6 +435,9 @@ def finetune(
         A second stamp, given half of the stamped images (and of the held-out and
         recalibration ones), with its own batch mode and weight
         (``config.all_to_all_batch``, ``config.all_to_all_weight``); not refreshed.
+    logit_teacher : nn.Module, optional
+        A second teacher whose logits are mixed into the distillation targets and clean
+        labels (``config.logit_teacher_share``); not changed (eval mode throughout).
 
     Returns
     -------
@@ -450,6 +462,18 @@ def finetune(
     device = clean.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     teacher.eval()
+    share = config.logit_teacher_share if logit_teacher is not None else 0.0
+    if logit_teacher is not None:
+        logit_teacher.eval()
+
+    def targets(teacher_logits: Tensor, images: Tensor) -> Tensor:
+        """The distillation targets on ``images``: the teacher's logits, mixed with the
+        logit teacher's (``config.logit_teacher_share``)."""
+        if share <= 0:
+            return teacher_logits
+        assert logit_teacher is not None
+        with torch.no_grad():
+            return (1 - share) * teacher_logits + share * _logits(logit_teacher, images)
 
     def split(n: int) -> tuple[Tensor, Tensor]:
         perm = torch.randperm(n, generator=gen).to(device)
@@ -490,7 +514,7 @@ def finetune(
         # held-out proxies for the criterion, made once with the first trigger(s)
         ho_gen = torch.Generator(device="cpu").manual_seed(config.seed + 2)
         ho_stamped = stamped(clean_ho, stamp_groups(clean_ho.shape[0]), ho_gen)
-        ho_stamp_labels = _logits(teacher, clean_ho).argmax(1)
+        ho_stamp_labels = targets(_logits(teacher, clean_ho), clean_ho).argmax(1)
     has_proxy = proxy_images is not None and proxy_labels is not None
     p_img = p_lab = p_ho = p_ho_lab = None
     if has_proxy:
@@ -529,7 +553,11 @@ def finetune(
 
     def evaluate() -> dict[str, float]:
         m: dict[str, float] = {}
-        if clean_ho.shape[0]:
+        if clean_ho.shape[0] and ho_targets is not None:
+            m["agreement"] = float(
+                (_logits(student, clean_ho).argmax(1) == ho_targets.argmax(1)).float().mean()
+            )
+        elif clean_ho.shape[0]:
             m["agreement"] = agreement(student, teacher, clean_ho)
         fixes = []
         if p_ho is not None and p_ho.shape[0]:
@@ -548,6 +576,7 @@ def finetune(
         if config.final_recalibrate and config.bn_mode == "train":
             recalibrate_bn(student, recal_images(), batch_size=config.batch_size)
 
+    ho_targets = targets(_logits(teacher, clean_ho), clean_ho) if share > 0 else None
     best_state = None
     if config.early_stopping:
         base = evaluate()
@@ -566,6 +595,8 @@ def finetune(
                 t_logits, t_maps = taps.teacher_outputs(teacher, clean_tr, 256)
             else:
                 teacher_each_step = True
+            if t_logits is not None:
+                t_logits = targets(t_logits, clean_tr)
         for epoch in range(1, config.epochs + 1):
             refresh_due = (
                 config.refresh_every > 0 and epoch > 1 and (epoch - 1) % config.refresh_every == 0
@@ -592,7 +623,7 @@ def finetune(
                     taps.active = True
                 if teacher_each_step:
                     with torch.no_grad():
-                        tb = teacher(xb)
+                        tb = targets(teacher(xb), xb)
                 else:
                     assert t_logits is not None
                     tb = t_logits[idx]

@@ -540,6 +540,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "shift": ("finetune", "shift"),
     "flip": ("finetune", "flip"),
     "mixup": ("finetune", "mixup"),
+    "logit_teacher_share": ("finetune", "logit_teacher_share"),
     "stamp_fraction": ("finetune", "stamp_fraction"),
     "recal_stamped": ("finetune", "recal_stamped"),
     "proxy_labels": ("finetune", "proxy_labels"),
@@ -1050,6 +1051,7 @@ def purify(
                 stamp=stamp,
                 refresh_stamp=refresh_stamp,
                 all_to_all_stamp=a2a_stamp,
+                logit_teacher=teacher if kd_teacher is not teacher else None,
             )
         else:
             refresh = None
@@ -1064,6 +1066,7 @@ def purify(
                 ft_cfg,
                 progress=plan.nested("finetune"),
                 refresh=refresh,
+                logit_teacher=teacher if kd_teacher is not teacher else None,
             )
 
     if ft.averaged_epochs:

@@ -317,6 +317,41 @@ def test_finetune_with_mixup_runs_the_teacher_each_step_and_improves_agreement()
     assert len(res.history) >= 2
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_logit_teacher_share_teaches_the_second_teachers_labels(
+    cached: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``logit_teacher_share=1`` the student learns the logit teacher's labels (the BN
+    outputs still distilled from the first teacher); with share 0 the second is ignored."""
+    import cnc_core.purify.finetune as ft
+
+    if not cached:
+        monkeypatch.setattr(ft, "TEACHER_CACHE_BYTES", 0)  # the teacher runs each step
+    teacher, other = tiny_net(seed=1), tiny_net(seed=7)
+    clean = _data(128)
+    probe = _data(256, seed=9)
+    assert agreement(teacher, other, probe) < 0.6  # two teachers that disagree
+    cfg = FinetuneConfig(
+        epochs=8, lr=5e-3, batch_size=32, holdout=0.2, patience=8, feature_weight=1.0
+    )
+    mixed, plain = _damaged_student(teacher), _damaged_student(teacher)
+    finetune(mixed, teacher, clean, None, None, cfg, logit_teacher=other)  # share 0: ignored
+    res = finetune(
+        plain,
+        teacher,
+        clean,
+        None,
+        None,
+        FinetuneConfig(**{**cfg.__dict__, "logit_teacher_share": 1.0}),
+        logit_teacher=other,
+    )
+    assert agreement(plain, other, probe) > agreement(mixed, other, probe) + 0.1
+    assert agreement(mixed, teacher, probe) > agreement(mixed, other, probe)
+    # the held-out criterion scores agreement with the mixed target, which training raises
+    assert res.history[-1]["agreement"] > res.history[0]["agreement"]
+    assert not any(m._forward_hooks for m in other.modules())
+
+
 def test_feature_distillation_matches_bn_outputs_and_removes_its_hooks() -> None:
     teacher = tiny_net(seed=3)
     clean = _data(128)
