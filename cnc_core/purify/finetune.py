@@ -111,6 +111,10 @@ class FinetuneConfig:
     # synthetic images are right, and the trigger's path is what feature distillation from
     # the cleaned teacher and unlearning remove. 0: the teacher's logits alone.
     logit_teacher_share: float = 0.0
+    # ... on every image ("all"), or only where the two teachers name the same class
+    # ("agreed"; elsewhere the teacher's logits alone: the synthetic images the original
+    # sends to the backdoor target and the cleaned teacher does not carry the trigger)
+    logit_teacher_on: str = "all"
     # With a ``stamp`` function: share of each batch stamped with the trigger (after
     # augmentation, as a real trigger is applied) and labelled by the teacher on the clean
     # augmented image: "hard" (its arg-max, CE) or "soft" (its logits, KD).
@@ -449,6 +453,10 @@ def finetune(
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
+    if config.logit_teacher_on not in ("all", "agreed"):
+        raise ValueError(
+            f"logit_teacher_on must be 'all' or 'agreed', not {config.logit_teacher_on!r}"
+        )
     if config.stamped_batch not in STAMPED_BATCHES:
         raise ValueError(
             f"stamped_batch must be one of {STAMPED_BATCHES}, not {config.stamped_batch!r}"
@@ -473,7 +481,12 @@ def finetune(
             return teacher_logits
         assert logit_teacher is not None
         with torch.no_grad():
-            return (1 - share) * teacher_logits + share * _logits(logit_teacher, images)
+            other = _logits(logit_teacher, images)
+            mixed = (1 - share) * teacher_logits + share * other
+            if config.logit_teacher_on == "agreed":
+                same = (teacher_logits.argmax(1) == other.argmax(1))[:, None]
+                mixed = torch.where(same, mixed, teacher_logits)
+            return mixed
 
     def split(n: int) -> tuple[Tensor, Tensor]:
         perm = torch.randperm(n, generator=gen).to(device)

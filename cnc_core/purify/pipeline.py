@@ -541,6 +541,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "flip": ("finetune", "flip"),
     "mixup": ("finetune", "mixup"),
     "logit_teacher_share": ("finetune", "logit_teacher_share"),
+    "logit_teacher_on": ("finetune", "logit_teacher_on"),
     "stamp_fraction": ("finetune", "stamp_fraction"),
     "recal_stamped": ("finetune", "recal_stamped"),
     "proxy_labels": ("finetune", "proxy_labels"),

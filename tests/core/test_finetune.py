@@ -352,6 +352,37 @@ def test_logit_teacher_share_teaches_the_second_teachers_labels(
     assert not any(m._forward_hooks for m in other.modules())
 
 
+def test_logit_teacher_on_agreed_keeps_the_first_teachers_labels_where_they_disagree() -> None:
+    teacher, other = tiny_net(seed=1), tiny_net(seed=7)
+    clean = _data(128)
+    probe = _data(256, seed=9)
+    cfg = FinetuneConfig(
+        epochs=8, lr=5e-3, batch_size=32, holdout=0.2, patience=8, logit_teacher_share=1.0
+    )
+    everywhere, agreed = _damaged_student(teacher), _damaged_student(teacher)
+    finetune(everywhere, teacher, clean, None, None, cfg, logit_teacher=other)
+    finetune(
+        agreed,
+        teacher,
+        clean,
+        None,
+        None,
+        FinetuneConfig(**{**cfg.__dict__, "logit_teacher_on": "agreed"}),
+        logit_teacher=other,
+    )
+    with torch.no_grad():
+        t, o = teacher(probe).argmax(1), other(probe).argmax(1)
+        disputed = t != o
+        assert int(disputed.sum()) > 50
+        follows_teacher = {
+            name: float((m(probe).argmax(1) == t)[disputed].float().mean())
+            for name, m in (("everywhere", everywhere.eval()), ("agreed", agreed.eval()))
+        }
+    assert follows_teacher["agreed"] > follows_teacher["everywhere"] + 0.2
+    with pytest.raises(ValueError, match="logit_teacher_on"):
+        finetune(agreed, teacher, clean, None, None, FinetuneConfig(logit_teacher_on="some"))
+
+
 def test_feature_distillation_matches_bn_outputs_and_removes_its_hooks() -> None:
     teacher = tiny_net(seed=3)
     clean = _data(128)
