@@ -500,6 +500,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "bn_mode": ("finetune", "bn_mode"),
     "early_stopping": ("finetune", "early_stopping"),
     "patience": ("finetune", "patience"),
+    "holdout": ("finetune", "holdout"),
     "average_from": ("finetune", "average_from"),
     "stamped_batch": ("finetune", "stamped_batch"),
     "all_to_all_batch": ("finetune", "all_to_all_batch"),
