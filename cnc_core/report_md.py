@@ -115,6 +115,9 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 " It pruned by the all-to-all trigger; its 'target' is each class's image under "
                 "that trigger's mapping."
                 if cleaning.get("trigger") == "all-to-all"
+                else f" It pruned by the warp trigger, whose class {cleaning.get('target')} is "
+                "the target."
+                if cleaning.get("trigger") == "warp"
                 else ""
             ),
             "",
@@ -334,8 +337,13 @@ def _warp_lines(record: dict[str, Any] | None) -> list[str]:
     name = "Warp trigger (the warping-trigger proxy)"
     if record.get("skipped"):
         return [f"{name}: not searched; {record['skipped']}.", ""]
+    uses = {
+        "finetune": "stamped beside the inverted trigger in unlearning",
+        "cleaning": "it drove the teacher cleaning",
+        "both": "it drove the teacher cleaning and was stamped in unlearning",
+    }
     verdict = (
-        "stamped beside the inverted trigger in unlearning"
+        uses[record.get("use", "finetune")]
         if record["used"]
         else "not used (it reached too few images)"
     )

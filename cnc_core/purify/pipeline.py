@@ -103,7 +103,7 @@ from cnc_core.purify.sensitivity import (
     suppress_sensitive_ranks,
 )
 from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last, synthesize
-from cnc_core.purify.warp import WarpInversionConfig, warp_inversion, warp_stamp
+from cnc_core.purify.warp import WarpInversionConfig, apply_warp, warp_inversion, warp_stamp
 
 __all__ = [
     "ALLOCATION_SPECTRA",
@@ -139,6 +139,7 @@ CLEANING = SensitivityConfig(u=3.0, max_fraction=0.1, include_dense=True)
 DYNAMIC = DynamicInversionConfig()
 #: The warp search's settings (``warp=true`` switches it on with these).
 WARP = WarpInversionConfig()
+WARP_USES = ("finetune", "cleaning", "both")  # PurifyConfig.warp_use
 #: The preset's permutation search: six learned-mask restarts of 6 images per class a step
 #: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
 #: images 18 of 24 restarts found the trigger against 7 of 12, and every search did) and
@@ -302,6 +303,14 @@ class PurifyConfig:
     # this weight, as ``permutation_blend_*`` does a blend. None, None: beside them.
     warp_batch: str | None = None
     warp_weight: float | None = None
+    # What a warp past its gate is used for: "finetune" (unlearnt beside or apart from the
+    # inverted triggers, as above), "cleaning" (it drives the teacher cleaning in place of
+    # the inverted trigger, with its class as the target: the pruned channels are the ones
+    # the warped images move, and the target-class images follow its class; fine-tuning
+    # unlearns the inverted triggers only), or "both". Neural Cleanse names the wrong class
+    # on WaNet all-to-one (6 where the target is 0) and its cleaning is undone, while the
+    # warp names the target (explore-purify.md 4w).
+    warp_use: str = "finetune"
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -574,6 +583,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_min_reach": ("warp_min_reach",),
     "warp_batch": ("warp_batch",),
     "warp_weight": ("warp_weight",),
+    "warp_use": ("warp_use",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -590,6 +600,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "permutation_blend_batch": STAMPED_BATCHES,
     "permutation_patch_batch": STAMPED_BATCHES,
     "warp_batch": STAMPED_BATCHES,
+    "warp_use": WARP_USES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -773,6 +784,8 @@ def purify(
         )
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
+    if config.warp_use not in WARP_USES:
+        raise ValueError(f"warp_use must be one of {WARP_USES}, not {config.warp_use!r}")
     for name in ("permutation_blend_batch", "permutation_patch_batch"):
         if getattr(config, name) not in (None, *STAMPED_BATCHES):
             raise ValueError(
@@ -946,7 +959,7 @@ def purify(
                     teacher,
                     kd_teacher if held else None,
                     held[-1]["flip_after"] if held else None,
-                    proxies.inversion.suspected_target,
+                    cleaning["target"],
                     synth_cfg,
                     config,
                     mean,
@@ -1202,10 +1215,19 @@ def _clean_teacher(
     reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
     reach_of[target] = -1
     all_to_all = _all_to_all_trigger(config, proxies, mean, std)
+    kind = "inverted"
     if all_to_all is not None:
         stamp, mapping = all_to_all
         images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 952))
         reach_of = torch.tensor(mapping, dtype=torch.long, device=clean.device)
+        kind = "all-to-all"
+    elif proxies.cleaning_warp is not None:
+        assert proxies.warp_record is not None
+        target = int(proxies.warp_record["suspected_target"])
+        images = apply_warp(clean, proxies.cleaning_warp.to(clean.device), mean=mean, std=std)
+        reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
+        reach_of[target] = -1
+        kind = "warp"
     goal = reach_of[source]
     counted = goal >= 0
 
@@ -1237,7 +1259,7 @@ def _clean_teacher(
             1.0 - config.cleaning_min_reach_cut
         ):
             undone = "reach_cut"
-        elif all_to_all is not None:
+        elif kind != "inverted":
             pass  # no per-class trigger to re-invert; the stamped images stay the same
         else:
             # re-invert on the cleaned model: the next round's proxies, and the residual signal
@@ -1258,7 +1280,7 @@ def _clean_teacher(
             rec["undone"] = undone
             progress("cleaning", 1.0)
             break
-        if all_to_all is None:
+        if kind == "inverted":
             mask_norm = new.mask_norms[0]
             images = apply_trigger(clean, new.masks[0], new.patterns[0], mean=mean, std=std)
         progress("cleaning", (r + 1) / n)
@@ -1267,7 +1289,8 @@ def _clean_teacher(
         "rounds": rounds,
         "rounds_applied": applied,
         "agreement_with_original": agreement(cleaned, teacher, clean),
-        "trigger": "all-to-all" if all_to_all is not None else "inverted",
+        "trigger": kind,
+        "target": target if kind != "all-to-all" else None,
     }
 
 
@@ -1454,7 +1477,13 @@ def _add_warp_trigger(
     out = dataclasses.replace(proxies, warp_record=record)
     if not record["used"]:
         return out
-    out.warp_field = found.fields[found.suspected]
+    record["use"] = config.warp_use
+    field_ = found.fields[found.suspected]
+    if config.warp_use in ("cleaning", "both"):
+        out.cleaning_warp = field_
+    if config.warp_use == "cleaning":
+        return out
+    out.warp_field = field_
     return _restamped(out, clean, config, mean, std, seed_offset=971)
 
 

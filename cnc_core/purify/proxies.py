@@ -157,6 +157,9 @@ class ProxySet:
     # A warp trigger (:mod:`.warp`, a (H, W, 2) field) stamped beside them, and its record
     warp_field: Tensor | None = None
     warp_record: dict[str, Any] | None = None
+    # A warp that drives the teacher cleaning in place of the inverted trigger
+    # (``PurifyConfig.warp_use``); its class is ``warp_record["suspected_target"]``
+    cleaning_warp: Tensor | None = None
 
 
 def _reporter(progress: ProgressFn | None, stage: str) -> Callable[[float], None]:

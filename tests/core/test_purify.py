@@ -666,6 +666,44 @@ def test_warp_knob_stamps_the_warp_only_past_its_bar() -> None:
     assert "anomaly index" in skip.detection["warp_inversion"]["skipped"]
 
 
+def test_warp_can_drive_the_cleaning() -> None:
+    """With ``warp_use=cleaning`` and a warp past its gate, the cleaning scores the channels
+    on warped images with the warp's class as target, does not re-invert, and the warp is
+    not stamped in fine-tuning; with ``both`` it is stamped too; an unknown use is refused."""
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(
+        detect=False,
+        permutation=False,
+        dynamic=False,
+        permutation_max_anomaly=None,
+        warp_steps=3,
+        warp_min_reach=0.0,
+        cleaning_min_agreement=0.0,
+        cleaning_max_flip=None,
+    )
+    finetune = purify(model, _config("cnc", **knobs), **kw)
+    cleaning = purify(model, _config("cnc", warp_use="cleaning", **knobs), **kw)
+    both = purify(model, _config("cnc", warp_use="both", **knobs), **kw)
+    assert finetune.detection["teacher_cleaning"]["trigger"] == "inverted"
+    rec = cleaning.detection["teacher_cleaning"]
+    warp = cleaning.detection["warp_inversion"]
+    assert rec["trigger"] == "warp" and rec["target"] == warp["suspected_target"]
+    assert warp["use"] == "cleaning"
+    assert "target_mask_norm" not in rec["rounds"][0]  # no per-class re-inversion
+    assert (
+        rec["rounds"][0]["flip_before"]
+        != (finetune.detection["teacher_cleaning"]["rounds"][0]["flip_before"])
+    )
+    assert both.detection["teacher_cleaning"]["trigger"] == "warp"
+    assert not torch.allclose(both.model(x), cleaning.model(x), atol=1e-6)
+    text = render_report({"detection": cleaning.detection})
+    assert "pruned by the warp trigger" in text and "drove the teacher cleaning" in text
+    with pytest.raises(ValueError, match="warp_use"):
+        purify(model, _config("cnc", warp_use="everywhere", **knobs), **kw)
+
+
 def test_cleaning_can_use_the_all_to_all_trigger() -> None:
     """With ``cleaning_all_to_all`` and a permutation trigger past its gate, cleaning scores
     the channels on images stamped with that trigger alone, counts its reach by the trigger's
