@@ -311,6 +311,11 @@ class PurifyConfig:
     # on WaNet all-to-one (6 where the target is 0) and its cleaning is undone, while the
     # warp names the target (explore-purify.md 4w).
     warp_use: str = "finetune"
+    # The outlier bar (MADs) of a cleaning the warp drives, in place of the cleaning's own
+    # ``u`` (None: the same). WaNet all-to-one 3x, 2,000 test images (explore-purify.md 4z):
+    # u = 3 pruned 29 channels (agreement 0.82) for 84.95 / 3.90, u = 4 pruned 9 (0.92) for
+    # 86.55 / 3.15, both with the last epoch kept.
+    warp_cleaning_u: float | None = None
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -459,6 +464,14 @@ class PurifyConfig:
             # ... and where it finds none, a generator of per-image triggers, stamped past
             # its gate: InputAware all-to-all 3x 86.20 / 1.85 (section 4p)
             dynamic=DYNAMIC,
+            # ... and a warp per class: where one sends >= 80% of the synthetic images to
+            # its class, it drives the teacher cleaning in place of the inverted trigger, at
+            # 4 MADs (session 21, section 4z: WaNet all-to-one 3x, whose target Neural
+            # Cleanse misnames, 87.10 / 6.05 -> 86.55 / 3.15; every other zoo model's best
+            # warp reaches 0.06-0.62 of the images)
+            warp=WARP,
+            warp_use="cleaning",
+            warp_cleaning_u=4.0,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -584,6 +597,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_batch": ("warp_batch",),
     "warp_weight": ("warp_weight",),
     "warp_use": ("warp_use",),
+    "warp_cleaning_u": ("warp_cleaning_u",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -946,6 +960,12 @@ def purify(
         # cannot reach it.)
         trigger_untrusted = (
             cleaning["rounds_applied"] == 0 and cleaning["rounds"][0].get("undone") == "agreement"
+        ) or (
+            # the warp named another class than Neural Cleanse: the inverted trigger, whose
+            # fix rate is half the criterion, is the wrong class's (WaNet all-to-one: the
+            # criterion restored epoch 5 of 15, 85.25 / 3.00; the last epoch 86.55 / 3.15)
+            cleaning["trigger"] == "warp"
+            and cleaning["target"] != proxies.inversion.suspected_target
         )
         if config.target_images > 0 and cleaning["trigger"] == "all-to-all":
             detection["target_synthesis"] = {
@@ -1216,6 +1236,7 @@ def _clean_teacher(
     reach_of[target] = -1
     all_to_all = _all_to_all_trigger(config, proxies, mean, std)
     kind = "inverted"
+    cleaning_cfg = config.teacher_cleaning
     if all_to_all is not None:
         stamp, mapping = all_to_all
         images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 952))
@@ -1228,6 +1249,8 @@ def _clean_teacher(
         reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
         reach_of[target] = -1
         kind = "warp"
+        if config.warp_cleaning_u is not None:
+            cleaning_cfg = dataclasses.replace(cleaning_cfg, u=config.warp_cleaning_u)
     goal = reach_of[source]
     counted = goal >= 0
 
@@ -1241,7 +1264,7 @@ def _clean_teacher(
     for r in range(n):
         before = copy.deepcopy(cleaned.state_dict())
         flip_before = flip(cleaned, images)
-        res = suppress_sensitive_ranks(cleaned, clean, images, config.teacher_cleaning)
+        res = suppress_sensitive_ranks(cleaned, clean, images, cleaning_cfg)
         kept = agreement(cleaned, teacher, clean)
         rec: dict[str, Any] = {
             "suppressed": res.num_suppressed,

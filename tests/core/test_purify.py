@@ -31,6 +31,7 @@ SMALL = dict(
     pgd_steps=2,
     permutation_steps=3,
     dynamic_steps=3,
+    warp_steps=3,
 )
 
 
@@ -635,7 +636,13 @@ def test_warp_knob_stamps_the_warp_only_past_its_bar() -> None:
     model = _model()
     x = torch.rand(8, 3, 16, 16)
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    small = dict(detect=False, permutation=False, dynamic=False, permutation_max_anomaly=None)
+    small = dict(
+        detect=False,
+        permutation=False,
+        dynamic=False,
+        permutation_max_anomaly=None,
+        warp_use="finetune",
+    )
     plain = purify(model, _config("cnc", warp=False, **small), **kw)
     assert "warp" not in plain.timings and "warp_inversion" not in plain.detection
     off = purify(model, _config("cnc", warp_steps=3, warp_min_reach=1.01, **small), **kw)
@@ -683,7 +690,7 @@ def test_warp_can_drive_the_cleaning() -> None:
         cleaning_min_agreement=0.0,
         cleaning_max_flip=None,
     )
-    finetune = purify(model, _config("cnc", **knobs), **kw)
+    finetune = purify(model, _config("cnc", warp_use="finetune", **knobs), **kw)
     cleaning = purify(model, _config("cnc", warp_use="cleaning", **knobs), **kw)
     both = purify(model, _config("cnc", warp_use="both", **knobs), **kw)
     assert finetune.detection["teacher_cleaning"]["trigger"] == "inverted"
@@ -702,6 +709,15 @@ def test_warp_can_drive_the_cleaning() -> None:
     assert "pruned by the warp trigger" in text and "drove the teacher cleaning" in text
     with pytest.raises(ValueError, match="warp_use"):
         purify(model, _config("cnc", warp_use="everywhere", **knobs), **kw)
+    # the warp names another class than Neural Cleanse: the criterion, half of which is the
+    # inverted trigger's fix rate, is not trusted and the last epoch is kept
+    named = cleaning.detection["trigger_inversion"]["suspected_target"]
+    assert (rec["target"] != named) == ("untrusted" in cleaning.detection["finetune_selection"])
+    # the warp's cleaning has its own outlier bar
+    loose = purify(model, _config("cnc", warp_use="cleaning", warp_cleaning_u=0.5, **knobs), **kw)
+    strict = purify(model, _config("cnc", warp_use="cleaning", warp_cleaning_u=50, **knobs), **kw)
+    assert strict.detection["teacher_cleaning"]["rounds"][0]["suppressed"] == 0
+    assert loose.detection["teacher_cleaning"]["rounds"][0]["suppressed"] > 0
 
 
 def test_cleaning_can_use_the_all_to_all_trigger() -> None:
