@@ -467,8 +467,9 @@ class PurifyConfig:
             # ... and a warp per class: where one sends >= 80% of the synthetic images to
             # its class, it drives the teacher cleaning in place of the inverted trigger, at
             # 4 MADs (session 21, section 4z: WaNet all-to-one 3x, whose target Neural
-            # Cleanse misnames, 87.10 / 6.05 -> 86.55 / 3.15; every other zoo model's best
-            # warp reaches 0.06-0.62 of the images)
+            # Cleanse misnames, 87.10 / 6.05 -> 86.55 / 3.15; seed 1 unchanged, 87.05 /
+            # 2.50, its round undone; at u = 3 seed 1 collapsed, 71.50 / 33.10; every other
+            # zoo model's best warp reaches 0.06-0.62 of the images)
             warp=WARP,
             warp_use="cleaning",
             warp_cleaning_u=4.0,
