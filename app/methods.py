@@ -113,6 +113,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "warp_batch",
         "warp_weight",
         "warp_use",
+        "warp_cleaning_u",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",
