@@ -1231,27 +1231,25 @@ def _clean_teacher(
     inv_cfg = dataclasses.replace(config.proxy.inversion, classes=(target,))
     images = proxy_images
     source = predict(teacher, clean)
+    all_to_all = _all_to_all_trigger(config, proxies, mean, std)
+    kind = "inverted"
+    cleaning_cfg = config.teacher_cleaning
+    if all_to_all is None and proxies.cleaning_warp is not None:
+        assert proxies.warp_record is not None
+        target = int(proxies.warp_record["suspected_target"])
+        images = apply_warp(clean, proxies.cleaning_warp.to(clean.device), mean=mean, std=std)
+        kind = "warp"
+        if config.warp_cleaning_u is not None:
+            cleaning_cfg = dataclasses.replace(cleaning_cfg, u=config.warp_cleaning_u)
     # what a stamped image of each clean class reaches: the target, or its image under the
     # all-to-all trigger's mapping; -1 where a flip cannot be counted
     reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
     reach_of[target] = -1
-    all_to_all = _all_to_all_trigger(config, proxies, mean, std)
-    kind = "inverted"
-    cleaning_cfg = config.teacher_cleaning
     if all_to_all is not None:
         stamp, mapping = all_to_all
         images = stamp(clean, torch.Generator(device="cpu").manual_seed(config.seed + 952))
         reach_of = torch.tensor(mapping, dtype=torch.long, device=clean.device)
         kind = "all-to-all"
-    elif proxies.cleaning_warp is not None:
-        assert proxies.warp_record is not None
-        target = int(proxies.warp_record["suspected_target"])
-        images = apply_warp(clean, proxies.cleaning_warp.to(clean.device), mean=mean, std=std)
-        reach_of = torch.full((num_classes,), target, dtype=torch.long, device=clean.device)
-        reach_of[target] = -1
-        kind = "warp"
-        if config.warp_cleaning_u is not None:
-            cleaning_cfg = dataclasses.replace(cleaning_cfg, u=config.warp_cleaning_u)
     goal = reach_of[source]
     counted = goal >= 0
 
