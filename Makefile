@@ -12,4 +12,5 @@ test: bootstrap
 
 lint: bootstrap
 	.venv/bin/ruff check cnc_core app worker tests bench
+	.venv/bin/ruff format --check cnc_core app worker tests bench migrations
 	.venv/bin/mypy cnc_core app worker

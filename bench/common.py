@@ -106,8 +106,7 @@ def interleaved_onnx_latency(
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"])
-                for p in paths]
+    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):

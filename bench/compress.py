@@ -60,7 +60,11 @@ def run(
         models = [original] + [compact[v][0] for v in variants]
         latencies = {
             b: interleaved_latency(
-                models, shape, batch_size=b, device=device, repeats=repeats,
+                models,
+                shape,
+                batch_size=b,
+                device=device,
+                repeats=repeats,
                 channels_last=channels_last,
             )
             for b in batches
@@ -120,8 +124,11 @@ def to_markdown(data: dict, batches: list[int]) -> str:
         f"torch {m['torch']} ({m['torch_threads']} threads); device {data['device']}; "
         f"allocation `{data['allocation']}`; median of {data['repeats']} interleaved runs; "
         f"load average at start {data.get('load_average', ['?'])[0]}.",
-        ("torch: eager PyTorch in channels_last (NHWC) memory format; " if data.get("channels_last")
-         else "torch: eager PyTorch on the device; ")
+        (
+            "torch: eager PyTorch in channels_last (NHWC) memory format; "
+            if data.get("channels_last")
+            else "torch: eager PyTorch on the device; "
+        )
         + "ORT: the exported ONNX model in ONNX Runtime "
         "(CPU, 2 intra-op threads).",
         "Command: `"
@@ -140,7 +147,8 @@ def to_markdown(data: dict, batches: list[int]) -> str:
         + f" | torch speed-up / MAC ratio (b{batches[-1]})"
         + (f" | ORT speed-up / MAC ratio (b{batches[-1]})" if onnx else "")
         + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(batches) * (2 if onnx else 1)
+        "|---|---|---|---|---|---|---|---|"
+        + "---|" * len(batches) * (2 if onnx else 1)
         + ("---|---|" if onnx else "---|"),
     ]
     for r in data["rows"]:
@@ -191,8 +199,11 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix for the results file names")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime timings")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="time eager torch in NHWC memory format (both models)")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="time eager torch in NHWC memory format (both models)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     data = run(

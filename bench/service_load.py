@@ -61,9 +61,16 @@ sys.path.insert(0, str(ROOT))
 PG_ADMIN = os.environ.get("CNC_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("CNC_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 RESNET18_PARAMS = 11_173_962
-SPEC = {"arch": "simple_cnn", "num_classes": 10, "width": 8, "method": "compress",
-        "ratio": 1.5, "device": "cpu", "export_onnx": False,
-        "advanced": {"measure_latency": False}}
+SPEC = {
+    "arch": "simple_cnn",
+    "num_classes": 10,
+    "width": 8,
+    "method": "compress",
+    "ratio": 1.5,
+    "device": "cpu",
+    "export_onnx": False,
+    "advanced": {"measure_latency": False},
+}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -82,8 +89,11 @@ def big_safetensors(path: Path, params: int) -> None:
         left -= n
     header, offset = {}, 0
     for i, n in enumerate(sizes):
-        header[f"layer{i}.weight"] = {"dtype": "F32", "shape": [n],
-                                      "data_offsets": [offset, offset + 4 * n]}
+        header[f"layer{i}.weight"] = {
+            "dtype": "F32",
+            "shape": [n],
+            "data_offsets": [offset, offset + 4 * n],
+        }
         offset += 4 * n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -122,13 +132,15 @@ def database_ingest(database_url: str, path: Path, chunk: int) -> float:
     blob = uuid.uuid4()
     with psycopg.connect(database_url) as conn:
         start = time.perf_counter()
-        conn.execute("INSERT INTO blobs (id, size, sha256, chunk_size) VALUES (%s, 0, '', %s)",
-                     (blob, chunk))
-        with conn.cursor().copy("COPY blob_chunks (blob_id, seq, data) FROM STDIN "
-                                "(FORMAT BINARY)") as copy:
+        conn.execute(
+            "INSERT INTO blobs (id, size, sha256, chunk_size) VALUES (%s, 0, '', %s)", (blob, chunk)
+        )
+        with conn.cursor().copy(
+            "COPY blob_chunks (blob_id, seq, data) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
             copy.set_types(["uuid", "int4", "bytea"])
             for seq, at in enumerate(range(0, len(data), chunk)):
-                copy.write_row((blob, seq, data[at:at + chunk]))
+                copy.write_row((blob, seq, data[at : at + chunk]))
         conn.execute("SELECT 1")  # the COPY has landed
         elapsed = time.perf_counter() - start
         conn.rollback()
@@ -147,15 +159,22 @@ def load_average() -> list[float]:
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip()
-                 for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     with psycopg.connect(PG_ADMIN) as conn:
         pg = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "postgres": pg,
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "postgres": pg,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9),
+    }
 
 
 class Services:
@@ -169,11 +188,17 @@ class Services:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db}"')
         self.database_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.db
-        self.env = {**os.environ, "CNC_ENVIRONMENT": "test", "CNC_SECRET_KEY": "bench-" + self.run,
-                    "CNC_DATABASE_URL": self.database_url,
-                    "CNC_BROKER_URL": REDIS, "CNC_QUEUE_PREFIX": f"cnc-bench-{self.run}",
-                    "CNC_BLOB_CHUNK_BYTES": str(blob_chunk_bytes), "OMP_NUM_THREADS": "1",
-                    "CNC_PROGRESS_MIN_INTERVAL_S": "1"}
+        self.env = {
+            **os.environ,
+            "CNC_ENVIRONMENT": "test",
+            "CNC_SECRET_KEY": "bench-" + self.run,
+            "CNC_DATABASE_URL": self.database_url,
+            "CNC_BROKER_URL": REDIS,
+            "CNC_QUEUE_PREFIX": f"cnc-bench-{self.run}",
+            "CNC_BLOB_CHUNK_BYTES": str(blob_chunk_bytes),
+            "OMP_NUM_THREADS": "1",
+            "CNC_PROGRESS_MIN_INTERVAL_S": "1",
+        }
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("CNC_")})
         from app.db.migrate import upgrade
 
@@ -182,9 +207,21 @@ class Services:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         # The production command line: uvicorn picks httptools and uvloop when installed.
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port),
-                            "--log-level", "warning", "--no-access-log",
-                            *(uvicorn_args or [])])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+                *(uvicorn_args or []),
+            ],
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -203,16 +240,32 @@ class Services:
     def start_workers(self, count: int) -> None:
         queues = f"cnc-bench-{self.run}.jobs,cnc-bench-{self.run}.light"
         for i in range(count):
-            self._spawn(f"w{i}", [sys.executable, "-m", "celery", "-A", "worker.celery_app",
-                                  "worker", "--pool=solo", "-Q", queues, "-n",
-                                  f"bench{i}-{self.run}@%h", "--loglevel=WARNING",
-                                  "--without-gossip", "--without-mingle"])
+            self._spawn(
+                f"w{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.celery_app",
+                    "worker",
+                    "--pool=solo",
+                    "-Q",
+                    queues,
+                    "-n",
+                    f"bench{i}-{self.run}@%h",
+                    "--loglevel=WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+            )
         self.workers += count
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = (self.logs / f"{name}.log").open("wb")
-        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log,
-                                           stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        )
 
     def close(self) -> None:
         for p in self.procs:
@@ -233,18 +286,31 @@ def upload_once(svc: Services, path: Path) -> tuple[float, str]:
     if shutil.which("curl"):
         # The README's upload command: a multipart form, streamed from the file.
         run = subprocess.run(
-            ["curl", "-sS", "--fail-with-body", "-H", f"Authorization: Bearer {svc.key}",
-             "-F", f"file=@{path}", url], capture_output=True, timeout=600)
+            [
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "-H",
+                f"Authorization: Bearer {svc.key}",
+                "-F",
+                f"file=@{path}",
+                url,
+            ],
+            capture_output=True,
+            timeout=600,
+        )
         if run.returncode != 0:
             raise RuntimeError(f"upload failed: {run.stderr!r} {run.stdout[:500]!r}")
         body = json.loads(run.stdout)
     else:
-        headers = {"Authorization": f"Bearer {svc.key}",
-                   "Content-Type": "application/octet-stream"}
+        headers = {"Authorization": f"Bearer {svc.key}", "Content-Type": "application/octet-stream"}
         with path.open("rb") as f:
-            r = httpx.post(url + "?filename=resnet18.safetensors",
-                           content=iter(lambda: f.read(1 << 20), b""), headers=headers,
-                           timeout=600)
+            r = httpx.post(
+                url + "?filename=resnet18.safetensors",
+                content=iter(lambda: f.read(1 << 20), b""),
+                headers=headers,
+                timeout=600,
+            )
         r.raise_for_status()
         body = r.json()
     return time.perf_counter() - start, str(body["sha256"])
@@ -260,28 +326,39 @@ def bench_uploads(svc: Services, path: Path, count: int, concurrency: int) -> di
     copies.append(loopback_copy(path))
     single = [upload_once(svc, path)[0]]  # one alone, for the per-stream rate
     copies.append(loopback_copy(path))
-    ingest = [database_ingest(svc.database_url, path, int(svc.env["CNC_BLOB_CHUNK_BYTES"]))
-              for _ in range(2)]
+    ingest = [
+        database_ingest(svc.database_url, path, int(svc.env["CNC_BLOB_CHUNK_BYTES"]))
+        for _ in range(2)
+    ]
     size = path.stat().st_size
     copy = statistics.median(copies)
     throughput = count * size / wall / 1e6
-    return {"files": count, "concurrency": concurrency, "file_mb": size / 1e6,
-            "client": "curl" if shutil.which("curl") else "httpx",
-            "throughput_mb_s": throughput, "p50_s": statistics.median(t for t, _ in results),
-            "single_stream_mb_s": size / single[0] / 1e6,
-            "sha256_ok": all(d == digest for _, d in results),
-            "loopback_copy_mb_s": copy, "loopback_copies_mb_s": copies,
-            "ratio_to_loopback": throughput / copy,
-            "postgres_copy_ingest_mb_s": max(ingest)}
+    return {
+        "files": count,
+        "concurrency": concurrency,
+        "file_mb": size / 1e6,
+        "client": "curl" if shutil.which("curl") else "httpx",
+        "throughput_mb_s": throughput,
+        "p50_s": statistics.median(t for t, _ in results),
+        "single_stream_mb_s": size / single[0] / 1e6,
+        "sha256_ok": all(d == digest for _, d in results),
+        "loopback_copy_mb_s": copy,
+        "loopback_copies_mb_s": copies,
+        "ratio_to_loopback": throughput / copy,
+        "postgres_copy_ingest_mb_s": max(ingest),
+    }
 
 
-async def _poll(host: str, port: int, path: str, key: str, clients: int, seconds: float,
-                interval: float) -> tuple[list[float], int]:
+async def _poll(
+    host: str, port: int, path: str, key: str, clients: int, seconds: float, interval: float
+) -> tuple[list[float], int]:
     """Each client: its own keep-alive connection, one GET per ``interval``."""
     latencies: list[float] = []
     errors = 0
-    request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-               f"Authorization: Bearer {key}\r\nAccept: application/json\r\n\r\n").encode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {key}\r\nAccept: application/json\r\n\r\n"
+    ).encode()
     end = time.monotonic() + seconds
 
     async def client(i: int) -> None:
@@ -319,27 +396,42 @@ async def _poll(host: str, port: int, path: str, key: str, clients: int, seconds
 
 def bench_polling(svc: Services, job_id: str, clients: int, seconds: float) -> dict[str, Any]:
     latencies, errors = asyncio.run(
-        _poll("127.0.0.1", svc.port, f"/v1/jobs/{job_id}", svc.key, clients, seconds, 1.0))
+        _poll("127.0.0.1", svc.port, f"/v1/jobs/{job_id}", svc.key, clients, seconds, 1.0)
+    )
     ms = [1000 * x for x in latencies]
-    return {"clients": clients, "seconds": seconds, "requests": len(ms), "errors": errors,
-            "rps": len(ms) / seconds, "p50_ms": percentile(ms, 50),
-            "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": len(ms),
+        "errors": errors,
+        "rps": len(ms) / seconds,
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms),
+    }
 
 
-def bench_drain(svc: Services, model_path: Path, jobs: int, timeout: float, clients: int,
-                poll_seconds: float) -> dict[str, Any]:
+def bench_drain(
+    svc: Services, model_path: Path, jobs: int, timeout: float, clients: int, poll_seconds: float
+) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {svc.key}"}
     with httpx.Client(base_url=svc.url, headers=headers, timeout=30) as c:
         model = c.post("/v1/models", files={"file": ("m.safetensors", model_path.read_bytes())})
         model.raise_for_status()
-        ids = [c.post("/v1/jobs", json={**SPEC, "model_id": model.json()["id"], "seed": i})
-               .json()["id"] for i in range(jobs)]
+        ids = [
+            c.post("/v1/jobs", json={**SPEC, "model_id": model.json()["id"], "seed": i}).json()[
+                "id"
+            ]
+            for i in range(jobs)
+        ]
         start = time.perf_counter()
         svc.start_workers(2)
         # Pollers during the drain: the API shares the 2 cores with two busy workers.
         during: dict[str, Any] = {}
-        poller = threading.Thread(target=lambda: during.update(
-            bench_polling(svc, ids[-1], clients, poll_seconds)))
+        poller = threading.Thread(
+            target=lambda: during.update(bench_polling(svc, ids[-1], clients, poll_seconds))
+        )
         poller.start()
         deadline = time.monotonic() + timeout
         statuses: dict[str, str] = {}
@@ -359,10 +451,17 @@ def bench_drain(svc: Services, model_path: Path, jobs: int, timeout: float, clie
     wanted = set(ids)
     attempts = [j["attempt"] for j in items if j["id"] in wanted]
     succeeded = sum(1 for j in items if j["id"] in wanted and j["status"] == "succeeded")
-    return {"jobs": jobs, "workers": 2, "wall_s": wall, "jobs_per_min": 60 * succeeded / wall,
-            "succeeded": succeeded, "lost": jobs - succeeded,
-            "ran_more_than_once": sum(1 for a in attempts if a > 1),
-            "timed_out": wall >= timeout, "polling_during_drain": during}
+    return {
+        "jobs": jobs,
+        "workers": 2,
+        "wall_s": wall,
+        "jobs_per_min": 60 * succeeded / wall,
+        "succeeded": succeeded,
+        "lost": jobs - succeeded,
+        "ran_more_than_once": sum(1 for a in attempts if a > 1),
+        "timed_out": wall >= timeout,
+        "polling_during_drain": during,
+    }
 
 
 def report(result: dict[str, Any]) -> str:
@@ -370,14 +469,17 @@ def report(result: dict[str, Any]) -> str:
     during = drain["polling_during_drain"]
     m = result["machine"]
     lines = [
-        "# Service load test (bench/service_load.py)", "",
+        "# Service load test (bench/service_load.py)",
+        "",
         f"Command: `{result['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}, "
         f"PostgreSQL {m['postgres']}. One uvicorn process ({result['uvicorn']}), two Celery "
         "workers (solo pool), all on this machine.  ",
         f"Load average (1/5/15 min) before {result['load_before']}, after "
-        f"{result['load_after']}: other engineers' CPU jobs shared the 2 cores.", "",
-        "| measure | value | target | met |", "|---|---|---|---|",
+        f"{result['load_after']}: other engineers' CPU jobs shared the 2 cores.",
+        "",
+        "| measure | value | target | met |",
+        "|---|---|---|---|",
         f"| loopback TCP file copy (median of 3) | {up['loopback_copy_mb_s']:.0f} MB/s "
         f"({', '.join(f'{x:.0f}' for x in up['loopback_copies_mb_s'])}) | | |",
         f"| upload, {up['files']} x {up['file_mb']:.1f} MB, {up['concurrency']} at a time "
@@ -401,7 +503,8 @@ def report(result: dict[str, Any]) -> str:
             f"| polling during the drain (API and 2 busy workers on 2 cores), "
             f"{during['clients']} clients | p50 {during['p50_ms']:.1f} ms, p99 "
             f"{during['p99_ms']:.1f} ms, {during['rps']:.0f} req/s, {during['errors']} errors "
-            "| (information) | |")
+            "| (information) | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -417,8 +520,9 @@ def main() -> int:
     parser.add_argument("--blob-chunk-bytes", type=int, default=8000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
     parser.add_argument("--name", default="service_load", help="results file stem")
-    parser.add_argument("--uvicorn-args", default="",
-                        help="extra uvicorn options, e.g. '--http h11 --loop asyncio'")
+    parser.add_argument(
+        "--uvicorn-args", default="", help="extra uvicorn options, e.g. '--http h11 --loop asyncio'"
+    )
     args = parser.parse_args()
 
     load_before = load_average()
@@ -432,19 +536,25 @@ def main() -> int:
     from cnc_core.models import create_model
 
     torch.manual_seed(0)
-    safetensors.torch.save_file(create_model("simple_cnn", num_classes=10, width=8)
-                                .state_dict(), str(tiny))
+    safetensors.torch.save_file(
+        create_model("simple_cnn", num_classes=10, width=8).state_dict(), str(tiny)
+    )
     svc = Services(args.blob_chunk_bytes, shlex.split(args.uvicorn_args))
     try:
         uploads = bench_uploads(svc, big, args.uploads, args.upload_concurrency)
         headers = {"Authorization": f"Bearer {svc.key}"}
-        mid = httpx.post(f"{svc.url}/v1/models", headers=headers,
-                         files={"file": ("m.safetensors", tiny.read_bytes())}).json()["id"]
-        job = httpx.post(f"{svc.url}/v1/jobs", headers=headers,
-                         json={**SPEC, "model_id": mid}).json()["id"]
+        mid = httpx.post(
+            f"{svc.url}/v1/models",
+            headers=headers,
+            files={"file": ("m.safetensors", tiny.read_bytes())},
+        ).json()["id"]
+        job = httpx.post(
+            f"{svc.url}/v1/jobs", headers=headers, json={**SPEC, "model_id": mid}
+        ).json()["id"]
         polling = bench_polling(svc, job, args.clients, args.seconds)
-        drain = bench_drain(svc, tiny, args.jobs, args.drain_timeout, args.clients,
-                            args.drain_poll_seconds)
+        drain = bench_drain(
+            svc, tiny, args.jobs, args.drain_timeout, args.clients, args.drain_poll_seconds
+        )
     finally:
         svc.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -139,7 +139,12 @@ def eval_sets(
     if attack != "clean":
         zoo_name(attack, mode)  # validates
         sets["poisoned"] = make_poisoned_testset(
-            x, y, make_attack(attack), mode=mode, target=TARGET, num_classes=NUM_CLASSES  # type: ignore[arg-type]
+            x,
+            y,
+            make_attack(attack),
+            mode=mode,
+            target=TARGET,
+            num_classes=NUM_CLASSES,  # type: ignore[arg-type]
         )
     return sets
 
@@ -199,8 +204,12 @@ def train_model(
     atk = None if attack == "clean" else make_attack(attack)
     if atk is not None:
         plan = plan_poison(
-            y_all, mode=mode, target=TARGET, rate=POISON_RATE,  # type: ignore[arg-type]
-            cross_ratio=atk.cross_ratio, seed=cfg.seed,
+            y_all,
+            mode=mode,
+            target=TARGET,
+            rate=POISON_RATE,  # type: ignore[arg-type]
+            cross_ratio=atk.cross_ratio,
+            seed=cfg.seed,
         )
         poison_mask, cross_mask = plan.poison_mask, plan.cross_mask
     else:
@@ -209,8 +218,11 @@ def train_model(
     torch.manual_seed(cfg.seed)
     model = _create_model(cfg.width).to(device)
     opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, nesterov=True,
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=True,
     )
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -232,8 +244,15 @@ def train_model(
                 xb = _augment(xb, g, crop=cfg.augment == "crop_flip")
             if atk is not None:
                 xb, yb = poison_batch(
-                    xb, yb, poison_mask[bi], cross_mask[bi], atk, mode=mode,  # type: ignore[arg-type]
-                    target=TARGET, num_classes=NUM_CLASSES, generator=g,
+                    xb,
+                    yb,
+                    poison_mask[bi],
+                    cross_mask[bi],
+                    atk,
+                    mode=mode,  # type: ignore[arg-type]
+                    target=TARGET,
+                    num_classes=NUM_CLASSES,
+                    generator=g,
                 )
             logits = model(normalize(xb, mean, std))
             loss = F.cross_entropy(logits, yb)
@@ -368,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--width", type=int, default=16)
     p.add_argument(
-        "--attacks", default="all",
+        "--attacks",
+        default="all",
         help="comma list of clean,badnet,blended,wanet,inputaware or 'all'",
     )
     p.add_argument("--modes", default="all2one,all2all")
@@ -395,8 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device(args.device)
     cfg = TrainConfig(
-        width=args.width, epochs=args.epochs, train_subset=args.train_subset,
-        batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
+        width=args.width,
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=args.augment,
+        seed=args.seed,
     )
     wanted = set(ATTACKS) | {"clean"} if args.attacks == "all" else set(args.attacks.split(","))
     modes = args.modes.split(",")
@@ -436,8 +461,10 @@ def _train_and_save(
     model, meta = train_model(attack, mode, cfg, device=device, data_root=data_root, log=log)
     save_zoo_model(model, meta, CACHE_DIR)
     asr = "-" if meta["asr"] is None else f"{meta['asr']:.2f}%"
-    log(f"[{meta['name']} w{cfg.width}] ACC {meta['clean_acc']:.2f}% ASR {asr} "
-        f"in {meta['wall_time_s']:.0f}s")
+    log(
+        f"[{meta['name']} w{cfg.width}] ACC {meta['clean_acc']:.2f}% ASR {asr} "
+        f"in {meta['wall_time_s']:.0f}s"
+    )
     return model, meta
 
 

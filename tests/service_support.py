@@ -29,8 +29,7 @@ from app.queue import JobQueue
 PG_ADMIN_URL = os.environ.get("CNC_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:10]
-TABLES = ("artifacts", "jobs", "batches", "models", "blob_chunks", "blobs", "api_keys",
-          "tenants")
+TABLES = ("artifacts", "jobs", "batches", "models", "blob_chunks", "blobs", "api_keys", "tenants")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -43,8 +42,11 @@ def _reachable(host: str, port: int) -> bool:
 
 def require_services() -> None:
     """Skip (or, under CI, fail) when PostgreSQL or Redis does not answer."""
-    missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379))
-               if not _reachable("127.0.0.1", port)]
+    missing = [
+        name
+        for name, port in (("PostgreSQL", 5432), ("Redis", 6379))
+        if not _reachable("127.0.0.1", port)
+    ]
     if missing:
         reason = f"{' and '.join(missing)} not reachable on 127.0.0.1"
         if os.environ.get("CI", "").lower() == "true":
@@ -132,8 +134,9 @@ def queued_tasks(q: JobQueue, name: str | None = None) -> list[dict[str, Any]]:
     for item in reversed(raw):  # kombu LPUSHes and BRPOPs
         message = json.loads(item)
         body = json.loads(__import__("base64").b64decode(message["body"]))
-        out.append({"task": message["headers"]["task"], "args": body[0],
-                    "id": message["headers"]["id"]})
+        out.append(
+            {"task": message["headers"]["task"], "args": body[0], "id": message["headers"]["id"]}
+        )
     return out
 
 
@@ -157,8 +160,11 @@ def safetensors_bytes(tensors: dict[str, tuple[list[int], bytes]] | None = None)
     header: dict[str, Any] = {}
     blobs = b""
     for name, (shape, data) in tensors.items():
-        header[name] = {"dtype": "F32", "shape": shape,
-                        "data_offsets": [len(blobs), len(blobs) + len(data)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [len(blobs), len(blobs) + len(data)],
+        }
         blobs += data
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)

@@ -62,23 +62,54 @@ def violations(package: str, banned: tuple[str, ...]) -> list[str]:
 
 
 def test_app_never_imports_torch_or_the_library() -> None:
-    banned = ("torch", "torchvision", "tensorly", "safetensors", "onnx", "onnxruntime",
-              "cnc_core", "worker")
+    banned = (
+        "torch",
+        "torchvision",
+        "tensorly",
+        "safetensors",
+        "onnx",
+        "onnxruntime",
+        "cnc_core",
+        "worker",
+    )
     assert violations("app", banned) == []
 
 
 def test_cnc_core_stays_pure() -> None:
-    banned = ("app", "worker", "fastapi", "starlette", "celery", "kombu", "redis",
-              "sqlalchemy", "alembic", "psycopg", "httpx", "uvicorn", "pydantic_settings")
+    banned = (
+        "app",
+        "worker",
+        "fastapi",
+        "starlette",
+        "celery",
+        "kombu",
+        "redis",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "httpx",
+        "uvicorn",
+        "pydantic_settings",
+    )
     assert violations("cnc_core", banned) == []
-    reads = [f"{p.relative_to(ROOT)}:{line}" for p in sorted((ROOT / "cnc_core").rglob("*.py"))
-             for line in env_reads(p)]
+    reads = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in sorted((ROOT / "cnc_core").rglob("*.py"))
+        for line in env_reads(p)
+    ]
     assert reads == []
 
 
 def test_worker_uses_only_the_shared_parts_of_app() -> None:
-    banned = ("app.api", "app.main", "app.metrics", "app.embedded", "fastapi", "starlette",
-              "uvicorn")
+    banned = (
+        "app.api",
+        "app.main",
+        "app.metrics",
+        "app.embedded",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+    )
     assert violations("worker", banned) == []
 
 

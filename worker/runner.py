@@ -89,10 +89,12 @@ class HardLimit:
         if self._stop.wait(self.limit_s):
             return
         self.fired.set()
-        log.error("job %s ran past its hard time limit of %.0f s; killing the worker",
-                  self.claim.job_id, self.limit_s)
-        recorder = threading.Thread(target=self._record, name="cnc-hard-limit-record",
-                                    daemon=True)
+        log.error(
+            "job %s ran past its hard time limit of %.0f s; killing the worker",
+            self.claim.job_id,
+            self.limit_s,
+        )
+        recorder = threading.Thread(target=self._record, name="cnc-hard-limit-record", daemon=True)
         recorder.start()
         recorder.join(timeout=10)  # a hung database must not keep the job alive
         if not self._stop.is_set():  # the job did not end meanwhile
@@ -101,12 +103,19 @@ class HardLimit:
     def _record(self) -> None:
         message = f"the job ran past its hard time limit of {self.limit_s:.0f} s and was killed"
         try:
-            if store_end(self.engine, self.claim, JobStatus.FAILED, "time_limit", message,
-                         {"total": self.limit_s}):
+            if store_end(
+                self.engine,
+                self.claim,
+                JobStatus.FAILED,
+                "time_limit",
+                message,
+                {"total": self.limit_s},
+            ):
                 enqueue_pending_callback(self.engine, self.queue, self.claim.job_id)
         except Exception:  # noqa: BLE001 - kill anyway; the reaper ends the job later
-            log.warning("could not record the time limit of job %s", self.claim.job_id,
-                        exc_info=True)
+            log.warning(
+                "could not record the time limit of job %s", self.claim.job_id, exc_info=True
+            )
 
 
 @dataclass

@@ -126,6 +126,7 @@ def _has_compose() -> bool:
 @pytest.mark.skipif(not _has_compose(), reason="no docker compose client on this machine")
 def test_compose_config_parses() -> None:
     env = {"CNC_SECRET_KEY": "x", "POSTGRES_PASSWORD": "y", "PATH": "/usr/bin:/usr/local/bin"}
-    run = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["docker", "compose", "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr

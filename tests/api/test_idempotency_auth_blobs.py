@@ -23,8 +23,9 @@ from tests.service_support import BASE_SPEC, bearer, make_settings, queued_tasks
 
 
 def upload(client: TestClient, key: str) -> str:
-    r = client.post("/v1/models", files={"file": ("m.safetensors", safetensors_bytes())},
-                    headers=bearer(key))
+    r = client.post(
+        "/v1/models", files={"file": ("m.safetensors", safetensors_bytes())}, headers=bearer(key)
+    )
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
 
@@ -53,28 +54,35 @@ def test_batch_idempotency_key_json(client, make_key, queue, engine):
     assert count(engine, Batch) == 1 and count(engine, Job) == 2
     assert len([t for t in queued_tasks(queue) if t["task"] == "cnc.run_job"]) == 2
     # Same key, another body: 409 naming the header, and nothing created.
-    other = client.post("/v1/batches", json={"jobs": [spec(models[0], ratio=2.0)]},
-                        headers=headers)
+    other = client.post("/v1/batches", json={"jobs": [spec(models[0], ratio=2.0)]}, headers=headers)
     assert other.status_code == 409, other.text
     assert other.json()["errors"][0]["field"] == "Idempotency-Key"
     assert count(engine, Batch) == 1 and count(engine, Job) == 2
     # Without a key, the same body is a new batch; keys are per tenant.
-    assert client.post("/v1/batches", json=body, headers=bearer(key)).json()["id"] != \
-        first.json()["id"]
+    assert (
+        client.post("/v1/batches", json=body, headers=bearer(key)).json()["id"]
+        != first.json()["id"]
+    )
     key_b = make_key("other")
-    r = client.post("/v1/batches", json={"jobs": [spec(upload(client, key_b))]},
-                    headers={**bearer(key_b), "Idempotency-Key": "nightly-7"})
+    r = client.post(
+        "/v1/batches",
+        json={"jobs": [spec(upload(client, key_b))]},
+        headers={**bearer(key_b), "Idempotency-Key": "nightly-7"},
+    )
     assert r.status_code == 202 and r.json()["id"] != first.json()["id"]
-    long_key = client.post("/v1/batches", json=body, headers={**bearer(key),
-                                                               "Idempotency-Key": "k" * 256})
+    long_key = client.post(
+        "/v1/batches", json=body, headers={**bearer(key), "Idempotency-Key": "k" * 256}
+    )
     assert long_key.status_code == 422
 
 
 def test_batch_idempotency_key_multipart_stores_files_once(client, make_key, engine):
     key = make_key()
     options = json.dumps(dict(BASE_SPEC))
-    files = [("files", ("a.safetensors", safetensors_bytes())),
-             ("files", ("b.safetensors", safetensors_bytes({"v": ([1], b"\0" * 4)})))]
+    files = [
+        ("files", ("a.safetensors", safetensors_bytes())),
+        ("files", ("b.safetensors", safetensors_bytes({"v": ([1], b"\0" * 4)}))),
+    ]
     headers = {**bearer(key), "Idempotency-Key": "upload-1"}
     first = client.post("/v1/batches", files=files, data={"spec": options}, headers=headers)
     assert first.status_code == 202, first.text
@@ -100,8 +108,12 @@ def test_multipart_job_retry_with_key_is_a_replay(client, make_key, engine, queu
     assert again.json()["id"] == first.json()["id"]
     assert count(engine, Model) == 1 and count(engine, Job) == 1
     assert len(queued_tasks(queue)) == 1
-    other = client.post("/v1/jobs", files={"file": ("m.safetensors", safetensors_bytes(
-        {"w": ([1], b"\0" * 4)}))}, data=form, headers=headers)
+    other = client.post(
+        "/v1/jobs",
+        files={"file": ("m.safetensors", safetensors_bytes({"w": ([1], b"\0" * 4)}))},
+        data=form,
+        headers=headers,
+    )
     assert other.status_code == 409 and count(engine, Model) == 1
 
 
@@ -131,8 +143,10 @@ def test_revoked_key_is_refused_at_once_despite_the_cache(settings, engine: Engi
         with Session(engine) as s, s.begin():
             s.delete(s.scalars(select(ApiKey).where(ApiKey.prefix == other.prefix)).one())
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and cache.get(
-                hash_key(other.token, cached.secret_key)) is not None:
+        while (
+            time.monotonic() < deadline
+            and cache.get(hash_key(other.token, cached.secret_key)) is not None
+        ):
             time.sleep(0.02)
         assert cache.get(hash_key(other.token, cached.secret_key)) is None
 
@@ -163,12 +177,13 @@ def test_blob_in_page_sized_rows_roundtrip_and_abort(engine: Engine):
     with Session(engine) as s, s.begin():
         w = BlobWriter(s, MAX_CHUNK_BYTES)
         for at in range(0, len(data), 65536):
-            w.write(data[at:at + 65536])
+            w.write(data[at : at + 65536])
         info = w.finish()
     assert info.size == len(data)
     with engine.connect() as conn:
-        rows = conn.execute(select(func.count()).select_from(BlobChunk)
-                            .where(BlobChunk.blob_id == info.id)).scalar_one()
+        rows = conn.execute(
+            select(func.count()).select_from(BlobChunk).where(BlobChunk.blob_id == info.id)
+        ).scalar_one()
     assert rows == -(-len(data) // MAX_CHUNK_BYTES)
     assert b"".join(iter_blob(engine, info.id)) == data
     start, end = 4096 * 1024 - 10, 2 * 4096 * 1024 + 7777

@@ -17,8 +17,9 @@ from tests.service_support import BASE_SPEC, bearer, queued_tasks, safetensors_b
 
 
 def upload(client, key: str) -> str:
-    r = client.post("/v1/models", files={"file": ("m.safetensors", safetensors_bytes())},
-                    headers=bearer(key))
+    r = client.post(
+        "/v1/models", files={"file": ("m.safetensors", safetensors_bytes())}, headers=bearer(key)
+    )
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
 
@@ -80,8 +81,9 @@ def test_422_names_the_field(client, make_key):
     assert r.status_code == 422 and "mean" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(str(uuid.uuid4())), headers=bearer(key))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "model_id"
-    r = client.post("/v1/jobs", content=b"{nope", headers={**bearer(key),
-                    "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/jobs", content=b"{nope", headers={**bearer(key), "Content-Type": "application/json"}
+    )
     assert r.status_code == 422
 
 
@@ -101,8 +103,9 @@ def test_idempotency_key(client, make_key, queue):
     # Keys are per tenant: another tenant's same key is a new job.
     key_b = make_key("other")
     model_b = upload(client, key_b)
-    r = client.post("/v1/jobs", json=spec(model_b),
-                    headers={**bearer(key_b), "Idempotency-Key": "run-42"})
+    r = client.post(
+        "/v1/jobs", json=spec(model_b), headers={**bearer(key_b), "Idempotency-Key": "run-42"}
+    )
     assert r.status_code == 202 and r.json()["id"] != first.json()["id"]
 
 
@@ -123,16 +126,22 @@ def test_multipart_one_shot(client, make_key, queue):
     assert model["format"] == "safetensors"
     names = [t["task"] for t in queued_tasks(queue, queue.settings.light_queue)]
     assert "cnc.validate_model" in names
-    bad = client.post("/v1/jobs", files={"file": ("m", safetensors_bytes())},
-                      data={"spec": json.dumps({**options, "ratio": "x"})}, headers=bearer(key))
+    bad = client.post(
+        "/v1/jobs",
+        files={"file": ("m", safetensors_bytes())},
+        data={"spec": json.dumps({**options, "ratio": "x"})},
+        headers=bearer(key),
+    )
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "spec.ratio"
 
 
 def test_list_filters_and_cursor(client, make_key, engine: Engine):
     key = make_key()
     model_id = upload(client, key)
-    ids = [client.post("/v1/jobs", json=spec(model_id, seed=i), headers=bearer(key)).json()["id"]
-           for i in range(5)]
+    ids = [
+        client.post("/v1/jobs", json=spec(model_id, seed=i), headers=bearer(key)).json()["id"]
+        for i in range(5)
+    ]
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == ids[0]).values(status=JobStatus.FAILED))
     seen: list[str] = []
@@ -149,8 +158,9 @@ def test_list_filters_and_cursor(client, make_key, engine: Engine):
     assert sorted(seen) == sorted(ids) and len(seen) == 5
     failed = client.get("/v1/jobs", params={"status": "failed"}, headers=bearer(key)).json()
     assert [j["id"] for j in failed["items"]] == [ids[0]]
-    future = client.get("/v1/jobs", params={"created_after": "2100-01-01T00:00:00Z"},
-                        headers=bearer(key)).json()
+    future = client.get(
+        "/v1/jobs", params={"created_after": "2100-01-01T00:00:00Z"}, headers=bearer(key)
+    ).json()
     assert future["items"] == []
     assert client.get("/v1/jobs", params={"status": "nope"}, headers=bearer(key)).status_code == 422
     other = make_key("other")
@@ -176,10 +186,21 @@ def add_artifact(engine: Engine, job_id: str, name: str, data: bytes, ctype: str
         w = BlobWriter(s, 7)
         w.write(data)
         info = w.finish()
-        s.add(Artifact(job_id=uuid.UUID(job_id), name=name, blob_id=info.id,
-                       content_type=ctype, size=info.size, sha256=info.sha256))
-        s.execute(update(Job).where(Job.id == uuid.UUID(job_id))
-                  .values(status=JobStatus.SUCCEEDED, percent=100.0, stage="done"))
+        s.add(
+            Artifact(
+                job_id=uuid.UUID(job_id),
+                name=name,
+                blob_id=info.id,
+                content_type=ctype,
+                size=info.size,
+                sha256=info.sha256,
+            )
+        )
+        s.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(status=JobStatus.SUCCEEDED, percent=100.0, stage="done")
+        )
 
 
 def test_artifacts_etag_range_and_isolation(client, make_key, engine):
@@ -216,8 +237,11 @@ def test_events_stream_ends_on_terminal_state(client, make_key, engine):
     model_id = upload(client, key)
     job_id = client.post("/v1/jobs", json=spec(model_id), headers=bearer(key)).json()["id"]
     with engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id)
-                     .values(status=JobStatus.FAILED, error="boom", error_code="x"))
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=JobStatus.FAILED, error="boom", error_code="x")
+        )
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(key)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -242,34 +266,50 @@ def test_batches_json_and_multipart(client, make_key, queue):
     assert len([t for t in queued_tasks(queue) if t["task"] == "cnc.run_job"]) == 3
     listed = client.get("/v1/jobs", params={"batch_id": batch["id"]}, headers=bearer(key)).json()
     assert len(listed["items"]) == 3
-    bad = client.post("/v1/batches", json={"jobs": [spec(models[0]), spec(models[1], ratio=0)]},
-                      headers=bearer(key))
+    bad = client.post(
+        "/v1/batches",
+        json={"jobs": [spec(models[0]), spec(models[1], ratio=0)]},
+        headers=bearer(key),
+    )
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "jobs.1.ratio"
     options = {k: v for k, v in BASE_SPEC.items()}
     r = client.post(
         "/v1/batches",
-        files=[("files", ("a.safetensors", safetensors_bytes())),
-               ("files", ("b.safetensors", safetensors_bytes()))],
+        files=[
+            ("files", ("a.safetensors", safetensors_bytes())),
+            ("files", ("b.safetensors", safetensors_bytes())),
+        ],
         data={"spec": json.dumps(options)},
         headers=bearer(key),
     )
     assert r.status_code == 202, r.text
     assert r.json()["total"] == 2
-    assert client.get(f"/v1/batches/{batch['id']}",
-                      headers=bearer(make_key("other"))).status_code == 404
+    assert (
+        client.get(f"/v1/batches/{batch['id']}", headers=bearer(make_key("other"))).status_code
+        == 404
+    )
 
 
 def test_callback_allowlist(client, make_key):
     key = make_key()
     model_id = upload(client, key)
-    r = client.post("/v1/jobs", json=spec(model_id, callback_url="https://evil.example.org/x"),
-                    headers=bearer(key))
+    r = client.post(
+        "/v1/jobs",
+        json=spec(model_id, callback_url="https://evil.example.org/x"),
+        headers=bearer(key),
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "callback_url"
-    r = client.post("/v1/jobs", json=spec(model_id, callback_url="ftp://hooks.example.com/x"),
-                    headers=bearer(key))
+    r = client.post(
+        "/v1/jobs",
+        json=spec(model_id, callback_url="ftp://hooks.example.com/x"),
+        headers=bearer(key),
+    )
     assert r.status_code == 422
-    r = client.post("/v1/jobs", json=spec(model_id, callback_url="https://hooks.example.com/x"),
-                    headers=bearer(key))
+    r = client.post(
+        "/v1/jobs",
+        json=spec(model_id, callback_url="https://hooks.example.com/x"),
+        headers=bearer(key),
+    )
     assert r.status_code == 202
     assert r.json()["callback"]["status"] == "pending"
     me = client.get("/v1/me", headers=bearer(key)).json()

@@ -44,8 +44,11 @@ def test_upload_raw_body_in_many_chunks(settings, engine: Engine, make_key):
     q = JobQueue(small)
     with TestClient(create_app(small, q)) as c:
         data = safetensors_bytes({"w": ([3000], bytes(range(256)) * 46 + b"\x00" * 224)})
-        r = c.post("/v1/models?filename=x.safetensors", content=data,
-                   headers={**bearer(make_key()), "Content-Type": "application/octet-stream"})
+        r = c.post(
+            "/v1/models?filename=x.safetensors",
+            content=data,
+            headers={**bearer(make_key()), "Content-Type": "application/octet-stream"},
+        )
     assert r.status_code == 201, r.text
     model_id = r.json()["id"]
     with engine.connect() as conn:
@@ -72,8 +75,11 @@ def test_upload_too_large_is_413(settings, engine: Engine, make_key):
             for i in range(0, len(data), 256):
                 yield data[i : i + 256]
 
-        r = c.post("/v1/models", content=chunks(),
-                   headers={**bearer(key), "Content-Type": "application/octet-stream"})
+        r = c.post(
+            "/v1/models",
+            content=chunks(),
+            headers={**bearer(key), "Content-Type": "application/octet-stream"},
+        )
         assert r.status_code == 413
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(Model)).scalar_one() == 0
@@ -108,8 +114,13 @@ def test_header_checks_reject_with_reason_and_fix(client, make_key):
 
 
 def test_torch_zip_layout_accepted(client, make_key):
-    data = _zip({"archive/data.pkl": b"\x80\x02}q\x00.", "archive/version": b"3\n",
-                 "archive/data/0": b"\x00" * 16})
+    data = _zip(
+        {
+            "archive/data.pkl": b"\x80\x02}q\x00.",
+            "archive/version": b"3\n",
+            "archive/data/0": b"\x00" * 16,
+        }
+    )
     r = client.post("/v1/models", files={"file": ("m.pt", data)}, headers=bearer(make_key()))
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "torch-zip"
@@ -117,8 +128,9 @@ def test_torch_zip_layout_accepted(client, make_key):
 
 def test_truncated_safetensors_rejected(client, make_key):
     data = safetensors_bytes()[:-3]
-    r = client.post("/v1/models", files={"file": ("m.safetensors", data)},
-                    headers=bearer(make_key()))
+    r = client.post(
+        "/v1/models", files={"file": ("m.safetensors", data)}, headers=bearer(make_key())
+    )
     assert r.status_code == 422
     assert "truncated" in r.json()["detail"]
 

@@ -60,8 +60,9 @@ def test_length_mismatch_and_empty() -> None:
     with pytest.raises(ValueError, match="labels"):
         accuracy(PixelOracle(), _coded_images([1, 2]), torch.tensor([1]), **IDENTITY)
     with pytest.raises(ValueError, match="empty"):
-        accuracy(PixelOracle(), torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long),
-                 **IDENTITY)
+        accuracy(
+            PixelOracle(), torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long), **IDENTITY
+        )
 
 
 def test_load_npz_uint8_nhwc(tmp_path: Path) -> None:

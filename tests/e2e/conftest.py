@@ -38,24 +38,26 @@ def free_port() -> int:
 
 def service_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNC_")}
-    env.update({
-        "CNC_ENVIRONMENT": settings.environment,
-        "CNC_SECRET_KEY": settings.secret_key,
-        "CNC_DATABASE_URL": settings.database_url,
-        "CNC_BROKER_URL": settings.broker_url,
-        "CNC_QUEUE_PREFIX": settings.queue_prefix,
-        "CNC_LEASE_TTL_S": str(settings.lease_ttl_s),
-        "CNC_HEARTBEAT_S": str(settings.heartbeat_s),
-        "CNC_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
-        "CNC_PROGRESS_MIN_INTERVAL_S": str(settings.progress_min_interval_s),
-        "CNC_SSE_POLL_S": str(settings.sse_poll_s),
-        "CNC_AUTH_CACHE_TTL_S": "0",
-        "CNC_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
-        "CNC_CALLBACK_ALLOWED_HOSTS": ",".join(settings.callback_allowed_hosts),
-        "CNC_CALLBACK_BACKOFF_S": "0.2",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "CNC_ENVIRONMENT": settings.environment,
+            "CNC_SECRET_KEY": settings.secret_key,
+            "CNC_DATABASE_URL": settings.database_url,
+            "CNC_BROKER_URL": settings.broker_url,
+            "CNC_QUEUE_PREFIX": settings.queue_prefix,
+            "CNC_LEASE_TTL_S": str(settings.lease_ttl_s),
+            "CNC_HEARTBEAT_S": str(settings.heartbeat_s),
+            "CNC_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
+            "CNC_PROGRESS_MIN_INTERVAL_S": str(settings.progress_min_interval_s),
+            "CNC_SSE_POLL_S": str(settings.sse_poll_s),
+            "CNC_AUTH_CACHE_TTL_S": "0",
+            "CNC_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
+            "CNC_CALLBACK_ALLOWED_HOSTS": ",".join(settings.callback_allowed_hosts),
+            "CNC_CALLBACK_BACKOFF_S": "0.2",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -80,9 +82,22 @@ class Stack:
 
     def start_api(self) -> str:
         port = free_port()
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host",
-                            "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                    service_env(self.settings))
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            service_env(self.settings),
+        )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -98,12 +113,28 @@ class Stack:
 
     def start_worker(self, name: str, **env: Any) -> subprocess.Popen[bytes]:
         s = self.settings
-        proc = self._spawn(name, [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "--pool=solo", "--concurrency=1", "-Q", f"{s.job_queue},{s.light_queue}",
-            "-n", f"{name}-{RUN_ID}@%h", "--loglevel=INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ], service_env(s, **env))
+        proc = self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                f"{s.job_queue},{s.light_queue}",
+                "-n",
+                f"{name}-{RUN_ID}@%h",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            service_env(s, **env),
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if "ready." in self.log(name):

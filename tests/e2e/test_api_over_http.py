@@ -15,8 +15,9 @@ from tests.service_support import BASE_SPEC, bearer, make_settings
 pytestmark = pytest.mark.slow
 
 
-def test_rules_over_http(stack: Stack, make_key, tiny_model: Path, tmp_path: Path,
-                         settings) -> None:
+def test_rules_over_http(
+    stack: Stack, make_key, tiny_model: Path, tmp_path: Path, settings
+) -> None:
     import os
 
     import torch
@@ -46,8 +47,9 @@ def test_rules_over_http(stack: Stack, make_key, tiny_model: Path, tmp_path: Pat
         second = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
         assert first.status_code == second.status_code == 202
         assert first.json()["id"] == second.json()["id"]
-        conflict = a.post("/v1/jobs", json={**body, "ratio": 2.0},
-                          headers={"Idempotency-Key": "k1"})
+        conflict = a.post(
+            "/v1/jobs", json={**body, "ratio": 2.0}, headers={"Idempotency-Key": "k1"}
+        )
         assert conflict.status_code == 409
         # 422 naming the field.
         bad = a.post("/v1/jobs", json={**body, "num_classes": 0})

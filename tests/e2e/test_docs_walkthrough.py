@@ -28,8 +28,14 @@ def bash_blocks(text: str) -> list[str]:
 def test_doc_has_the_walkthrough() -> None:
     blocks = bash_blocks(DOC.read_text())
     joined = "\n".join(blocks)
-    for needle in ("/v1/models", "/v1/jobs", "/events", "/artifacts/", "/v1/batches",
-                   "callback_url"):
+    for needle in (
+        "/v1/models",
+        "/v1/jobs",
+        "/events",
+        "/artifacts/",
+        "/v1/batches",
+        "callback_url",
+    ):
         assert needle in joined, needle
 
 
@@ -42,13 +48,19 @@ def test_curl_examples_run_as_written(stack: Stack, make_key, tmp_path: Path) ->
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     script = "set -euo pipefail\n" + "\n".join(bash_blocks(DOC.read_text()))
     env = {**os.environ, "CNC_URL": url, "CNC_KEY": key, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=240)
+    run = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == 0, run.stdout + run.stderr + stack.log("w1")
     assert '"status": "succeeded"' in run.stdout, run.stdout
     assert '"field":"method"' in run.stdout
-    for name in ("model.safetensors", "manifest.json", "model.onnx", "report.json",
-                 "plots/spectra.png"):
+    for name in (
+        "model.safetensors",
+        "manifest.json",
+        "model.onnx",
+        "report.json",
+        "plots/spectra.png",
+    ):
         assert (tmp_path / "result" / name).stat().st_size > 0, name
     assert (tmp_path / "result/plots/spectra.png").read_bytes().startswith(b"\x89PNG")
     jobs = httpx.get(f"{url}/v1/jobs", headers=bearer(key)).json()["items"]

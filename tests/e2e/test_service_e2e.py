@@ -26,8 +26,9 @@ from worker.leases import owner_pid
 pytestmark = pytest.mark.slow
 
 
-def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float = 120,
-             **match: Any) -> dict[str, Any]:
+def wait_for(
+    client: httpx.Client, job_id: str, states: set[str], timeout: float = 120, **match: Any
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -66,8 +67,14 @@ def test_upload_submit_poll_download(stack: Stack, make_key, tiny_model: Path, t
         assert done["device"] == "cpu" and done["percent"] == 100
         assert done["metrics"]["ratios"]["param ratio"] > 1.2
         names = {a["name"] for a in done["artifacts"]}
-        assert {"model.safetensors", "manifest.json", "model.onnx", "report.json",
-                "plots/spectra.png", "plots/summary.png"} <= names
+        assert {
+            "model.safetensors",
+            "manifest.json",
+            "model.onnx",
+            "report.json",
+            "plots/spectra.png",
+            "plots/summary.png",
+        } <= names
         out = tmp_path / "download"
         (out / "plots").mkdir(parents=True)
         for artifact in done["artifacts"]:
@@ -106,8 +113,7 @@ def test_cancel_running_job(stack: Stack, make_key, tiny_model: Path):
     assert stack.procs["w1"].poll() is None  # the worker lives on for the next job
 
 
-def test_kill_9_mid_job_another_worker_finishes(stack: Stack, make_key, tiny_model: Path,
-                                                engine):
+def test_kill_9_mid_job_another_worker_finishes(stack: Stack, make_key, tiny_model: Path, engine):
     url = stack.start_api()
     stack.start_worker("w1", CNC_JOB_START_DELAY_S=4)
     stack.start_worker("w2", CNC_JOB_START_DELAY_S=4)
@@ -130,8 +136,9 @@ def test_kill_9_mid_job_another_worker_finishes(stack: Stack, make_key, tiny_mod
     assert len(artifacts) == len(set(artifacts)) > 0  # stored once
 
 
-def test_hard_time_limit_kills_a_hung_worker(stack: Stack, engine, settings, queue,
-                                             tiny_model: Path):
+def test_hard_time_limit_kills_a_hung_worker(
+    stack: Stack, engine, settings, queue, tiny_model: Path
+):
     """A job hung without progress reports (so the soft limit never runs) is ended by the
     hard limit: the worker process is SIGKILLed, the job ends failed/time_limit, and a
     redelivery of its task to a fresh worker does not run it again."""
@@ -139,8 +146,13 @@ def test_hard_time_limit_kills_a_hung_worker(stack: Stack, engine, settings, que
 
     tenant, model_id = add_model(engine, settings, tiny_model)
     job_id = add_job(engine, tenant, model_id)
-    hung = stack.start_worker("w1", CNC_JOB_SOFT_TIME_LIMIT_S=1, CNC_JOB_HARD_TIME_LIMIT_S=2,
-                              CNC_JOB_START_DELAY_S=120, CNC_JOB_START_DELAY_BLOCKING="true")
+    hung = stack.start_worker(
+        "w1",
+        CNC_JOB_SOFT_TIME_LIMIT_S=1,
+        CNC_JOB_HARD_TIME_LIMIT_S=2,
+        CNC_JOB_START_DELAY_S=120,
+        CNC_JOB_START_DELAY_BLOCKING="true",
+    )
     task_id = get_job(engine, job_id).task_id
     assert task_id is not None
     queue.enqueue_job(job_id, task_id)

@@ -28,13 +28,20 @@ def tiny_checkpoint(path: Path, width: int = 8, seed: int = 0) -> Path:
     return path
 
 
-def add_model(engine: Engine, settings: Settings, path: Path, fmt: str = "safetensors",
-              tenant: str = "acme") -> tuple[uuid.UUID, uuid.UUID]:
+def add_model(
+    engine: Engine, settings: Settings, path: Path, fmt: str = "safetensors", tenant: str = "acme"
+) -> tuple[uuid.UUID, uuid.UUID]:
     tenant_id = create_key(engine, settings, tenant).tenant_id
     with Session(engine) as s, s.begin():
         blob = write_file(s, path, settings.blob_chunk_bytes)
-        model = Model(tenant_id=tenant_id, filename=path.name, blob_id=blob.id, size=blob.size,
-                      sha256=blob.sha256, format=fmt)
+        model = Model(
+            tenant_id=tenant_id,
+            filename=path.name,
+            blob_id=blob.id,
+            size=blob.size,
+            sha256=blob.sha256,
+            format=fmt,
+        )
         s.add(model)
         s.flush()
         return tenant_id, model.id
@@ -42,11 +49,15 @@ def add_model(engine: Engine, settings: Settings, path: Path, fmt: str = "safete
 
 def add_job(engine: Engine, tenant_id: uuid.UUID, model_id: uuid.UUID, **spec: Any) -> uuid.UUID:
     with Session(engine) as s, s.begin():
-        job = Job(tenant_id=tenant_id, model_id=model_id,
-                  spec={**BASE_SPEC, "model_id": str(model_id), **spec},
-                  status=JobStatus.QUEUED, callback_url=spec.get("callback_url"),
-                  callback_status="pending" if spec.get("callback_url") else "none",
-                  task_id=str(uuid.uuid4()))
+        job = Job(
+            tenant_id=tenant_id,
+            model_id=model_id,
+            spec={**BASE_SPEC, "model_id": str(model_id), **spec},
+            status=JobStatus.QUEUED,
+            callback_url=spec.get("callback_url"),
+            callback_status="pending" if spec.get("callback_url") else "none",
+            task_id=str(uuid.uuid4()),
+        )
         s.add(job)
         s.flush()
         return job.id

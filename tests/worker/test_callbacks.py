@@ -49,8 +49,11 @@ def _ended_job(engine, settings, tmp_path: Path, url: str):
     tenant, model = add_model(engine, settings, path)
     job_id = add_job(engine, tenant, model, callback_url=url)
     with engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id)
-                     .values(status=JobStatus.SUCCEEDED, suspected_target=3))
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=JobStatus.SUCCEEDED, suspected_target=3)
+        )
     with Session(engine) as s:
         secret = s.get(Tenant, tenant).callback_secret
     return job_id, secret

@@ -15,14 +15,21 @@ from worker.runner import HardLimit, execute_job
 def test_hung_job_is_failed_with_time_limit_and_killed(engine, settings, queue, tmp_path):
     tenant, model_id = add_model(engine, settings, tiny_checkpoint(tmp_path / "m.safetensors"))
     job_id = add_job(engine, tenant, model_id, callback_url="http://127.0.0.1:9/hook")
-    slow = make_settings(settings.database_url, job_soft_time_limit_s=0.5,
-                         job_hard_time_limit_s=1.0, job_start_delay_s=3.0,
-                         job_start_delay_blocking=True)
+    slow = make_settings(
+        settings.database_url,
+        job_soft_time_limit_s=0.5,
+        job_hard_time_limit_s=1.0,
+        job_start_delay_s=3.0,
+        job_start_delay_blocking=True,
+    )
     killed = threading.Event()
     result: dict[str, str] = {}
     start = time.monotonic()
-    runner = threading.Thread(target=lambda: result.update(
-        status=execute_job(job_id, slow, engine, queue, kill=killed.set)))
+    runner = threading.Thread(
+        target=lambda: result.update(
+            status=execute_job(job_id, slow, engine, queue, kill=killed.set)
+        )
+    )
     runner.start()
     # The job sleeps 3 s without a progress report, so the soft limit never gets a say.
     assert killed.wait(10), "the watchdog never fired"

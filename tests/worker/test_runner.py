@@ -30,10 +30,16 @@ def test_job_runs_to_success_and_stores_artifacts(engine, settings, queue, tmp_p
     with Session(engine) as s:
         names = set(s.scalars(select(Artifact.name).where(Artifact.job_id == job_id)))
         model = s.get(Model, model_id)
-        png = s.scalars(select(Artifact).where(Artifact.job_id == job_id,
-                                               Artifact.name == "plots/spectra.png")).one()
-    assert {"model.safetensors", "manifest.json", "model.onnx", "report.json",
-            "plots/spectra.png"} <= names
+        png = s.scalars(
+            select(Artifact).where(Artifact.job_id == job_id, Artifact.name == "plots/spectra.png")
+        ).one()
+    assert {
+        "model.safetensors",
+        "manifest.json",
+        "model.onnx",
+        "report.json",
+        "plots/spectra.png",
+    } <= names
     assert b"".join(iter_blob(engine, png.blob_id)).startswith(b"\x89PNG")
     assert model is not None and model.status == ModelStatus.VALID
     assert model.summary is not None and model.summary["tensors"] > 0
@@ -64,7 +70,7 @@ def test_hostile_pickle_never_runs(engine, settings, queue, tmp_path):
     path = _hostile_checkpoint(tmp_path / "evil.pt", marker)
     data = path.read_bytes()
     # The container is a torch zip, so the API's header check lets it through ...
-    assert check_checkpoint(data[:1 << 20], data[-(256 << 10):], len(data)).format == "torch-zip"
+    assert check_checkpoint(data[: 1 << 20], data[-(256 << 10) :], len(data)).format == "torch-zip"
     tenant, model_id = add_model(engine, settings, path, fmt="torch-zip")
     # ... and the worker's weights-only load refuses it, with a reason, running nothing.
     assert validate_model(engine, model_id) == ModelStatus.INVALID
@@ -92,8 +98,7 @@ def test_cancel_stops_a_running_job(engine, settings, queue, tmp_path):
         while time.monotonic() < deadline:
             if get_job(engine, job_id).stage == "prepare":
                 with engine.begin() as conn:
-                    conn.execute(update(Job).where(Job.id == job_id)
-                                 .values(cancel_requested=True))
+                    conn.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
                 return
             time.sleep(0.05)
 
