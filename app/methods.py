@@ -114,6 +114,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "warp_weight",
         "warp_use",
         "warp_cleaning_u",
+        "warp_beside_all_to_all",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

@@ -316,6 +316,10 @@ class PurifyConfig:
     # u = 3 pruned 29 channels (agreement 0.82) for 84.95 / 3.90, u = 4 pruned 9 (0.92) for
     # 86.55 / 3.15, both with the last epoch kept.
     warp_cleaning_u: float | None = None
+    # Search for a warp even where an all-to-all trigger (permutation or dynamic) passed its
+    # gate: a model with two backdoors, one all-to-all and one warping all-to-one. Off, the
+    # search is skipped there (see _warp_unused).
+    warp_beside_all_to_all: bool = False
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -599,6 +603,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_weight": ("warp_weight",),
     "warp_use": ("warp_use",),
     "warp_cleaning_u": ("warp_cleaning_u",),
+    "warp_beside_all_to_all": ("warp_beside_all_to_all",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -923,6 +928,8 @@ def purify(
             reason = skipped
             if stage == "dynamic" and reason is None and _permutation_used(proxies, blend=False):
                 reason = "the one-pattern permutation trigger was found and is used"
+            if stage == "warp" and reason is None:
+                reason = _warp_unused(config, proxies)
             reasons[stage] = reason
             with plan.stage(stage):
                 if reason is None:
@@ -1630,6 +1637,21 @@ def _with_warp(
         return stamp
     warp = warp_stamp(proxies.warp_field, mean=mean, std=std)
     return warp if stamp is None else mixed_stamp([stamp, warp])
+
+
+def _warp_unused(config: PurifyConfig, proxies: ProxySet) -> str | None:
+    """Why the warp search is skipped although Neural Cleanse named no all-to-one target,
+    or None: an all-to-all trigger passed its gate (unless ``warp_beside_all_to_all``).
+    The warp search looks for an all-to-one warping trigger; where the model's backdoor was
+    already found as an all-to-all one it only costs time (32 s of 354 on InputAware
+    all-to-all, 2 threads of a 2-core EPYC, bench/results/purify-time-s22-ia.md; no zoo
+    all-to-all model's warp came near its gate: best reach 0.06-0.36, explore-purify.md 4z).
+    """
+    if config.warp_beside_all_to_all:
+        return None
+    if proxies.extra_triggers is not None or proxies.dynamic_generator is not None:
+        return "an all-to-all trigger passed its gate (warp_beside_all_to_all=false)"
+    return None
 
 
 def _all_to_all_only(config: PurifyConfig, proxies: ProxySet) -> bool:

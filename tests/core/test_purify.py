@@ -720,6 +720,27 @@ def test_warp_can_drive_the_cleaning() -> None:
     assert loose.detection["teacher_cleaning"]["rounds"][0]["suppressed"] > 0
 
 
+def test_warp_search_skipped_beside_an_all_to_all_trigger() -> None:
+    """Where an all-to-all trigger passed its gate the warp search does not run (its record
+    says why) unless ``warp_beside_all_to_all``; where none passed, it runs."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(detect=False, dynamic=False, permutation_max_anomaly=None, warp_steps=3)
+    found = dict(knobs, permutation_min_flip=0.0, permutation_min_targets=0.0)
+    skipped = purify(model, _config("cnc", **found), **kw)
+    assert skipped.detection["permutation_inversion"]["used"] is True
+    assert "all-to-all trigger" in skipped.detection["warp_inversion"]["skipped"]
+    assert "warp" in skipped.timings  # the stage is still timed (it took no time)
+    text = render_report({"detection": skipped.detection})
+    assert "(the warping-trigger proxy): not searched; an all-to-all trigger passed" in text
+    beside = purify(model, _config("cnc", warp_beside_all_to_all=True, **found), **kw)
+    assert "reach" in beside.detection["warp_inversion"]
+    gated = dict(knobs, permutation_min_flip=1.01)
+    alone = purify(model, _config("cnc", **gated), **kw)
+    assert alone.detection["permutation_inversion"]["used"] is False
+    assert "reach" in alone.detection["warp_inversion"]
+
+
 def test_cleaning_can_use_the_all_to_all_trigger() -> None:
     """With ``cleaning_all_to_all`` and a permutation trigger past its gate, cleaning scores
     the channels on images stamped with that trigger alone, counts its reach by the trigger's
