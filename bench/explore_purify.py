@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         "acc_before": accuracy(model, xc, yc, **ms),
         "acc": accuracy(res.model, xc, yc, **ms),
     }
+    # where the accuracy goes, class by class (session 22): recall before / after
+    out["recall_before"], out["recall"] = (
+        [round(accuracy(net, xc[yc == c], yc[yc == c], **ms), 2) for c in range(10)]
+        for net in (model, res.model)
+    )
     if args.mode == "all2one":
         # where the accuracy goes: the recall of the attack's target class (0) on clean
         # images, before and after (session 9: the removal costs most of its ACC there)
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_recall_before",
             "target_recall",
             "target_fp",
+            "recall_before",
+            "recall",
             "suspected_target",
             "anomaly_index",
             "suppressed",
