@@ -32,6 +32,8 @@ from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
+from cnc_core.export import ModelSpec, save_compact  # noqa: E402
+from cnc_core.purify.calibrate import classifier, match_class_prior  # noqa: E402
 from cnc_core.purify.pipeline import METHOD_COMPRESS_DEFAULTS, PurifyConfig, purify  # noqa: E402
 from cnc_core.purify.proxies import (  # noqa: E402
     TriggerInversionResult,
@@ -73,6 +75,42 @@ def _inversion(
     return ps.inversion
 
 
+def _scores(net: Any, xc: Any, yc: Any, sets: dict[str, Any], n: int) -> dict[str, Any]:
+    """ACC, ASR and each class's recall of ``net`` on the first ``n`` test images."""
+    ms = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    out = {
+        "acc": accuracy(net, xc, yc, **ms),
+        "recall": [round(accuracy(net, xc[yc == c], yc[yc == c], **ms), 2) for c in range(10)],
+    }
+    if sets["poisoned"] is not None:
+        xp, yp = sets["poisoned"][0][:n], sets["poisoned"][1][:n]
+        out["asr"] = attack_success_rate(net, xp, yp, **ms)
+    return out
+
+
+def _prior_variants(
+    student: Any, original: Any, synth: Any, det: dict, xc: Any, yc: Any, sets: dict, args: Any
+) -> dict[str, Any]:
+    """The same student without the class-prior correction (its bias shift undone: the
+    correction is the last change to the model) and corrected against the original model
+    instead of the reference the run used (session 22, explore-purify.md 4aa)."""
+    head = classifier(student, 10)
+    assert head is not None
+    shift = torch.tensor(det["prior_correction"]["shift"])
+    corrected = head.bias.detach().clone()
+    with torch.no_grad():
+        head.bias.sub_(shift)
+    out = {"uncorrected": _scores(student, xc, yc, sets, args.eval_n)}
+    other = "original" if det["prior_correction"]["reference"] == "cleaned" else None
+    if other:
+        rec = match_class_prior(student, original, synth, num_classes=10, iterations=10)
+        assert rec is not None
+        out[other] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": rec.shift}
+    with torch.no_grad():
+        head.bias.copy_(corrected)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--attack", default="badnet")
@@ -85,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="purify knob=value (repeatable)")
     p.add_argument("--compress", action="append", default=[], help="CompressConfig field=value")
     p.add_argument("--tag", default="")
+    p.add_argument("--save", default=None, help="write the purified model here (save_compact)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -131,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         proxies=proxies,
     )
     t_total = time.perf_counter() - t0
+    if args.save and res.compress is not None:
+        spec = ModelSpec(
+            arch="resnet18",
+            num_classes=10,
+            width=16,
+            mean=FASHION_MNIST_MEAN,
+            std=FASHION_MNIST_STD,
+        )
+        save_compact(res.model, Path(args.save), spec, res.compress.surgery_record())
 
     sets = eval_sets(args.attack, args.mode)
     clean = sets["clean"]
@@ -169,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         out["asr_before"] = attack_success_rate(model, xp, yp, **ms)
         out["asr"] = attack_success_rate(res.model, xp, yp, **ms)
     det = res.detection
+    if "shift" in det.get("prior_correction", {}) and synth is not None:
+        out["prior_variants"] = _prior_variants(res.model, model, synth, det, xc, yc, sets, args)
     out["suspected_target"] = res.suspected_target
     if "trigger_inversion" in det:
         out["anomaly_index"] = round(det["trigger_inversion"]["anomaly_index"], 2)
@@ -177,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     out["pgd_after"] = det.get("pgd_after")
     out["inv_after_share"] = det.get("inverted_trigger_after_share")
     out["suppressed"] = det.get("sensitivity_suppressed")
-    for name in ("teacher_cleaning", "target_synthesis", "disputed_dropped"):
+    for name in ("teacher_cleaning", "target_synthesis", "disputed_dropped", "prior_correction"):
         if name in det:
             out[name] = det[name]
     if "permutation_inversion" in det:

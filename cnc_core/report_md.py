@@ -201,6 +201,7 @@ def _detection(report: dict[str, Any]) -> list[str]:
             "to the inverted trigger far more than to clean synthetic images were pruned.",
             "",
         ]
+    lines += _prior_lines(det.get("prior_correction"))
     hists = det.get("histograms", {})
     rows = []
     for when in ("before", "after"):
@@ -326,6 +327,26 @@ def _all_to_all_lines(record: dict[str, Any] | None, name: str, what: str) -> li
         f"{name}: {what} {record['mask_norm']:.1f}, it moved {_pct(record['flip_rate'])} of "
         f"the synthetic images, at most {_pct(record['top_share'])} of them to one class; "
         f"{verdict}. Class mapping: {mapping} (onto {record.get('targets', '?')} classes)." + which,
+        "",
+    ]
+
+
+def _prior_lines(record: dict[str, Any] | None) -> list[str]:
+    """The report's paragraph on the class-prior correction (its detection record)."""
+    if not record:
+        return []
+    name = "Class-prior correction"
+    if record.get("skipped"):
+        return [f"{name}: not applied; {record['skipped']}.", ""]
+    shift = record["shift"]
+    c = max(range(len(shift)), key=lambda k: abs(shift[k]))
+    teacher = "cleaned teacher" if record["reference"] == "cleaned" else "original model"
+    return [
+        f"{name}: the classifier's biases were shifted so that the student's class "
+        f"distribution on the clean synthetic images matches the {teacher}'s. Largest "
+        f"shift {shift[c]:+.2f} logits, class {c}: the student gave it "
+        f"{_pct(record['student_before'][c])} of its probability mass, the {teacher} "
+        f"{_pct(record['teacher'][c])}, after the shift {_pct(record['student_after'][c])}.",
         "",
     ]
 

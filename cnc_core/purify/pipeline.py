@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.progress import ProgressFn, StagePlan
+from cnc_core.purify.calibrate import match_class_prior
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
 from cnc_core.purify.dynamic import (
     DynamicInversionConfig,
@@ -140,6 +141,7 @@ DYNAMIC = DynamicInversionConfig()
 #: The warp search's settings (``warp=true`` switches it on with these).
 WARP = WarpInversionConfig()
 WARP_USES = ("finetune", "cleaning", "both")  # PurifyConfig.warp_use
+PRIOR_REFERENCES = ("cleaned", "original")  # PurifyConfig.prior_reference
 #: The preset's permutation search: six learned-mask restarts of 6 images per class a step
 #: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
 #: images 18 of 24 restarts found the trigger against 7 of 12, and every search did) and
@@ -320,6 +322,15 @@ class PurifyConfig:
     # gate: a model with two backdoors, one all-to-all and one warping all-to-one. Off, the
     # search is skipped there (see _warp_unused).
     warp_beside_all_to_all: bool = False
+    # Class-prior correction after fine-tuning (:mod:`.calibrate`): this many fixed-point
+    # steps shift the student's classifier biases until its mean predicted class
+    # distribution on the clean synthetic images matches the reference teacher's
+    # ("cleaned": the teacher it distilled from; "original"), each class's shift at most
+    # ``prior_max_shift`` logits. 0: off. The removal makes the student avoid the suspected
+    # target class, on a clean model a natural class (explore-purify.md 4aa).
+    prior_correction: int = 0
+    prior_reference: str = "cleaned"
+    prior_max_shift: float = 3.0
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -604,6 +615,9 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_use": ("warp_use",),
     "warp_cleaning_u": ("warp_cleaning_u",),
     "warp_beside_all_to_all": ("warp_beside_all_to_all",),
+    "prior_correction": ("prior_correction",),
+    "prior_reference": ("prior_reference",),
+    "prior_max_shift": ("prior_max_shift",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -621,6 +635,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "permutation_patch_batch": STAMPED_BATCHES,
     "warp_batch": STAMPED_BATCHES,
     "warp_use": WARP_USES,
+    "prior_reference": PRIOR_REFERENCES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
     "refit_weighting": REFIT_WEIGHTINGS,
@@ -728,6 +743,8 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
     ft = config.finetune
     ft_cost = 1.3 if ft.feature_weight > 0 else 1.0  # the teacher runs every step
     stages.append(("finetune", max(ft.epochs * s.num_images * 2 / 1000 * 0.5 * ft_cost, 0.1)))
+    if config.prior_correction > 0:
+        stages.append(("prior", (config.prior_correction + 2) * s.num_images / 10000))
     if config.detect:
         stages.append(("detect_after", config.detect_pgd.steps * config.detect_images / 2000))
     return stages
@@ -804,6 +821,10 @@ def purify(
         )
     if config.blend_proxy not in BLEND_PROXIES:
         raise ValueError(f"blend_proxy must be one of {BLEND_PROXIES}, not {config.blend_proxy!r}")
+    if config.prior_reference not in PRIOR_REFERENCES:
+        raise ValueError(
+            f"prior_reference must be one of {PRIOR_REFERENCES}, not {config.prior_reference!r}"
+        )
     if config.warp_use not in WARP_USES:
         raise ValueError(f"warp_use must be one of {WARP_USES}, not {config.warp_use!r}")
     for name in ("permutation_blend_batch", "permutation_patch_batch"):
@@ -1119,6 +1140,22 @@ def purify(
             else detection["finetune_selection"]
             + f" (it scored above the average of the last {ft.averaged_epochs} epochs)"
         )
+    if config.prior_correction > 0:
+        with plan.stage("prior"):
+            reference = kd_teacher if config.prior_reference == "cleaned" else teacher
+            corrected = match_class_prior(
+                student,
+                reference,
+                clean,
+                num_classes=num_classes,
+                iterations=config.prior_correction,
+                max_shift=config.prior_max_shift,
+            )
+            detection["prior_correction"] = (
+                {**dataclasses.asdict(corrected), "reference": config.prior_reference}
+                if corrected is not None
+                else {"skipped": "the model has no classifier layer with a bias"}
+            )
     suspected = proxies.suspected_target
     if config.detect:
         _pgd_detection(student, probe, "after", config, detection, plan, mean=mean, std=std)

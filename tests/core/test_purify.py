@@ -952,3 +952,26 @@ def test_refreshed_stamp_keeps_the_blend_stamp_beside_the_triggers() -> None:
     assert 0 < int(marked.sum()) < out.shape[0]  # both the blend and the triggers are drawn
     plain = _stamp_refresher(config, images, proxies, 0.0, 1.0, 4)(model, 2)
     assert not (plain(images, torch.Generator().manual_seed(0)) == 42.0).any()
+
+
+def test_prior_correction_knob() -> None:
+    """``prior_correction`` runs in its own timed stage after fine-tuning, moves only the
+    classifier's bias, and says what it did; an unknown reference is refused."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    plain = purify(model, _config("cnc"), **kw)
+    fixed = purify(model, _config("cnc", prior_correction=3), **kw)
+    rec = fixed.detection["prior_correction"]
+    assert "prior" in fixed.timings and "prior" not in plain.timings
+    assert rec["reference"] == "cleaned" and len(rec["shift"]) == 4 and any(rec["shift"])
+    changed = [
+        k
+        for k, v in fixed.model.state_dict().items()
+        if not torch.equal(v, plain.model.state_dict()[k])
+    ]
+    assert changed == ["fc.bias"]
+    assert "prior_correction" not in plain.detection
+    text = render_report({"detection": fixed.detection})
+    assert "Class-prior correction: the classifier's biases were shifted" in text
+    with pytest.raises(ValueError, match="prior_reference"):
+        purify(model, _config("cnc", prior_reference="uniform"), **kw)

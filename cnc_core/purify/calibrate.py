@@ -1,0 +1,89 @@
+"""Class-prior correction of the purified student (data-free).
+
+The removal (unlearning the inverted trigger, BN statistics of trigger-stamped images, the
+teacher cleaning) teaches the student to avoid the suspected target class. Where that class
+is a natural one, the cost lands on it alone: on a clean width-16 ResNet-18 (Fashion-MNIST)
+Neural Cleanse names class 6 (shirt), and the purified student's recall of it fell from 77%
+to 6% while the other classes kept theirs (bench/results/explore-purify.md 4aa). The
+avoidance is visible without data: on the clean synthetic images the teacher calls 140 of
+1,024 class 6, the student 40.
+
+The correction shifts the classifier's biases until the student's mean predicted class
+distribution on the clean synthetic images matches the teacher's, by the fixed-point
+iteration of Saerens et al. (Neural Computation 2002) for a changed class prior,
+``b_c += log(p_teacher(c) / p_student(c))``. It changes no weight but the last layer's bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class PriorCorrection:
+    """What :func:`match_class_prior` did: the bias shift per class, and the mean predicted
+    class distributions of teacher and student (before and after) on the images."""
+
+    shift: list[float]
+    teacher: list[float]
+    student_before: list[float]
+    student_after: list[float]
+
+
+def classifier(model: nn.Module, num_classes: int) -> nn.Linear | None:
+    """The model's last ``nn.Linear`` with ``num_classes`` outputs and a bias, or None."""
+    found = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            found = module
+    return found if found is not None and found.bias is not None else None
+
+
+@torch.no_grad()
+def mean_probs(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The mean softmax over ``images`` (model-input space), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(())
+    for batch in images.split(batch_size):
+        p = F.softmax(model(batch).float(), dim=1).sum(0)
+        total = total + p.cpu()
+    model.train(was_training)
+    return total / images.shape[0]
+
+
+@torch.no_grad()
+def match_class_prior(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: Tensor,
+    *,
+    num_classes: int,
+    iterations: int = 10,
+    max_shift: float = 3.0,
+) -> PriorCorrection | None:
+    """Shift ``student``'s classifier biases (in place) so that its mean predicted class
+    distribution on ``images`` matches ``teacher``'s; None where the student has no
+    classifier with a bias. Each class's total shift is clipped to ``max_shift`` logits."""
+    head = classifier(student, num_classes)
+    if head is None:
+        return None
+    reference = mean_probs(teacher, images).clamp_min(1e-6)
+    before = mean_probs(student, images)
+    start = head.bias.detach().clone()
+    current = before
+    for _ in range(iterations):
+        step = torch.log(reference / current.clamp_min(1e-6)).to(head.bias)
+        shift = (head.bias + step - start).clamp(-max_shift, max_shift)
+        head.bias.copy_(start + shift)
+        current = mean_probs(student, images)
+    return PriorCorrection(
+        shift=[round(v, 4) for v in (head.bias - start).tolist()],
+        teacher=[round(v, 4) for v in reference.tolist()],
+        student_before=[round(v, 4) for v in before.tolist()],
+        student_after=[round(v, 4) for v in current.tolist()],
+    )
