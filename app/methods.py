@@ -118,6 +118,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "prior_correction",
         "prior_reference",
         "prior_max_shift",
+        "prior_avoided_below",
         "refresh_every",
         "sensitivity",
         "sensitivity_action",

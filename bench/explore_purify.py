@@ -103,7 +103,14 @@ def _prior_variants(
     out = {"uncorrected": _scores(student, xc, yc, sets, args.eval_n)}
     other = "original" if det["prior_correction"]["reference"] == "cleaned" else None
     if other:
-        rec = match_class_prior(student, original, synth, num_classes=10, iterations=10)
+        rec = match_class_prior(
+            student,
+            original,
+            synth,
+            num_classes=10,
+            iterations=10,
+            avoided_below=det["prior_correction"].get("avoided_below"),
+        )
         assert rec is not None
         out[other] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": rec.shift}
     with torch.no_grad():

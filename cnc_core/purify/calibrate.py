@@ -28,6 +28,7 @@ class PriorCorrection:
     """What :func:`match_class_prior` did: the bias shift per class, and the mean predicted
     class distributions of teacher and student (before and after) on the images."""
 
+    corrected: list[int]
     shift: list[float]
     teacher: list[float]
     student_before: list[float]
@@ -65,23 +66,34 @@ def match_class_prior(
     num_classes: int,
     iterations: int = 10,
     max_shift: float = 3.0,
+    avoided_below: float | None = None,
 ) -> PriorCorrection | None:
     """Shift ``student``'s classifier biases (in place) so that its mean predicted class
     distribution on ``images`` matches ``teacher``'s; None where the student has no
-    classifier with a bias. Each class's total shift is clipped to ``max_shift`` logits."""
+    classifier with a bias. Each class's total shift is clipped to ``max_shift`` logits.
+
+    ``avoided_below``: shift only the classes the student *avoids*, those given less than
+    this fraction of the teacher's share before the correction (the others' biases stay;
+    ``corrected`` lists them); None shifts every class."""
     head = classifier(student, num_classes)
     if head is None:
         return None
     reference = mean_probs(teacher, images).clamp_min(1e-6)
     before = mean_probs(student, images)
+    if avoided_below is None:
+        chosen = torch.ones(num_classes, dtype=torch.bool)
+    else:
+        chosen = before < avoided_below * reference
     start = head.bias.detach().clone()
     current = before
-    for _ in range(iterations):
-        step = torch.log(reference / current.clamp_min(1e-6)).to(head.bias)
+    for _ in range(iterations if bool(chosen.any()) else 0):
+        step = torch.log(reference / current.clamp_min(1e-6)) * chosen
+        step = step.to(head.bias)
         shift = (head.bias + step - start).clamp(-max_shift, max_shift)
         head.bias.copy_(start + shift)
         current = mean_probs(student, images)
     return PriorCorrection(
+        corrected=[c for c in range(num_classes) if bool(chosen[c])],
         shift=[round(v, 4) for v in (head.bias - start).tolist()],
         teacher=[round(v, 4) for v in reference.tolist()],
         student_before=[round(v, 4) for v in before.tolist()],

@@ -331,6 +331,9 @@ class PurifyConfig:
     prior_correction: int = 0
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
+    # Shift only the classes the student avoids: given less than this fraction of the
+    # reference's share on the synthetic images (None: every class).
+    prior_avoided_below: float | None = None
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -618,6 +621,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
+    "prior_avoided_below": ("prior_avoided_below",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -1150,9 +1154,14 @@ def purify(
                 num_classes=num_classes,
                 iterations=config.prior_correction,
                 max_shift=config.prior_max_shift,
+                avoided_below=config.prior_avoided_below,
             )
             detection["prior_correction"] = (
-                {**dataclasses.asdict(corrected), "reference": config.prior_reference}
+                {
+                    **dataclasses.asdict(corrected),
+                    "reference": config.prior_reference,
+                    "avoided_below": config.prior_avoided_below,
+                }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
             )

@@ -48,3 +48,23 @@ def test_prior_correction_is_clipped_and_needs_a_biased_classifier() -> None:
     assert classifier(no_bias, 4) is None
     assert match_class_prior(no_bias, teacher, images, num_classes=4) is None
     assert classifier(teacher, 4) is teacher[3]  # the last Linear with num_classes outputs
+
+
+def test_prior_correction_can_shift_only_the_avoided_classes() -> None:
+    teacher = _net(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[3].bias[2] -= 4.0  # avoided
+        student[3].bias[1] += 0.2  # a small drift, left alone
+    images = torch.randn(256, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    bias = student[3].bias.detach().clone()
+    rec = match_class_prior(
+        student, teacher, images, num_classes=4, avoided_below=0.6, max_shift=6
+    )
+    assert rec is not None and rec.corrected == [2]
+    assert rec.shift[2] > 2.0 and rec.shift[0] == rec.shift[1] == rec.shift[3] == 0.0
+    assert abs(rec.student_after[2] - rec.teacher[2]) < 0.02
+    same = copy.deepcopy(teacher)  # nothing avoided: nothing moves
+    rec = match_class_prior(same, teacher, images, num_classes=4, avoided_below=0.6)
+    assert rec is not None and rec.corrected == [] and not any(rec.shift)
+    assert torch.equal(student[3].bias[[0, 1, 3]], bias[[0, 1, 3]])
