@@ -318,8 +318,8 @@ class PurifyConfig:
     # u = 3 pruned 29 channels (agreement 0.82) for 84.95 / 3.90, u = 4 pruned 9 (0.92) for
     # 86.55 / 3.15, both with the last epoch kept.
     warp_cleaning_u: float | None = None
-    # Search for a warp even where an all-to-all trigger (permutation or dynamic) passed its
-    # gate: a model with two backdoors, one all-to-all and one warping all-to-one. Off, the
+    # Search for a warp even where the dynamic all-to-all trigger passed its gate: a model
+    # with two backdoors, one input-aware all-to-all and one warping all-to-one. Off, the
     # search is skipped there (see _warp_unused).
     warp_beside_all_to_all: bool = False
     # Class-prior correction after fine-tuning (:mod:`.calibrate`): this many fixed-point
@@ -491,6 +491,13 @@ class PurifyConfig:
             warp=WARP,
             warp_use="cleaning",
             warp_cleaning_u=4.0,
+            # the classes the removal made the student avoid (under 0.6 of the cleaned
+            # teacher's share on the synthetic images) get their bias back: a clean model's
+            # class 6 (Neural Cleanse's natural "target") 82.95 -> 84.85, Blended
+            # all-to-all 81.65 / 2.90 -> 82.75 / 2.80, WaNet all-to-one seed 2 80.25 / 1.65
+            # -> 82.50 / 1.25; BadNet all-to-one untouched (explore-purify.md 4aa)
+            prior_correction=10,
+            prior_avoided_below=0.6,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -1687,17 +1694,17 @@ def _with_warp(
 
 def _warp_unused(config: PurifyConfig, proxies: ProxySet) -> str | None:
     """Why the warp search is skipped although Neural Cleanse named no all-to-one target,
-    or None: an all-to-all trigger passed its gate (unless ``warp_beside_all_to_all``).
-    The warp search looks for an all-to-one warping trigger; where the model's backdoor was
-    already found as an all-to-all one it only costs time (32 s of 354 on InputAware
-    all-to-all, 2 threads of a 2-core EPYC, bench/results/purify-time-s22-ia.md; no zoo
-    all-to-all model's warp came near its gate: best reach 0.06-0.36, explore-purify.md 4z).
+    or None: the dynamic (input-aware all-to-all) trigger passed its gate (unless
+    ``warp_beside_all_to_all``). That gate (>= 60% of the images moved onto >= 8 classes)
+    passed only on InputAware all-to-all, whose backdoor it then is, and the warp search
+    only cost time there (32 s of 354, 2 threads of a 2-core EPYC,
+    bench/results/purify-time-s22-ia.md). The permutation trigger's looser gate is no such
+    sign: it passed on WaNet all-to-one, whose warp drives the cleaning (explore-purify.md
+    4aa), so the search still runs beside it.
     """
-    if config.warp_beside_all_to_all:
+    if config.warp_beside_all_to_all or proxies.dynamic_generator is None:
         return None
-    if proxies.extra_triggers is not None or proxies.dynamic_generator is not None:
-        return "an all-to-all trigger passed its gate (warp_beside_all_to_all=false)"
-    return None
+    return "the dynamic all-to-all trigger passed its gate (warp_beside_all_to_all=false)"
 
 
 def _all_to_all_only(config: PurifyConfig, proxies: ProxySet) -> bool:

@@ -720,25 +720,26 @@ def test_warp_can_drive_the_cleaning() -> None:
     assert loose.detection["teacher_cleaning"]["rounds"][0]["suppressed"] > 0
 
 
-def test_warp_search_skipped_beside_an_all_to_all_trigger() -> None:
-    """Where an all-to-all trigger passed its gate the warp search does not run (its record
-    says why) unless ``warp_beside_all_to_all``; where none passed, it runs."""
+def test_warp_search_skipped_beside_a_dynamic_trigger() -> None:
+    """Where the dynamic all-to-all trigger passed its gate the warp search does not run
+    (its record says why) unless ``warp_beside_all_to_all``; beside a permutation trigger
+    (whose gate passed on WaNet all-to-one) it still runs."""
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    knobs = dict(detect=False, dynamic=False, permutation_max_anomaly=None, warp_steps=3)
-    found = dict(knobs, permutation_min_flip=0.0, permutation_min_targets=0.0)
-    skipped = purify(model, _config("cnc", **found), **kw)
-    assert skipped.detection["permutation_inversion"]["used"] is True
-    assert "all-to-all trigger" in skipped.detection["warp_inversion"]["skipped"]
+    knobs = dict(detect=False, permutation_max_anomaly=None, warp_steps=3)
+    dynamic = dict(knobs, permutation_min_flip=1.01, dynamic_min_flip=0.0, dynamic_min_targets=0.0)
+    skipped = purify(model, _config("cnc", **dynamic), **kw)
+    assert skipped.detection["dynamic_inversion"]["used"] is True
+    assert "dynamic all-to-all trigger" in skipped.detection["warp_inversion"]["skipped"]
     assert "warp" in skipped.timings  # the stage is still timed (it took no time)
     text = render_report({"detection": skipped.detection})
-    assert "(the warping-trigger proxy): not searched; an all-to-all trigger passed" in text
-    beside = purify(model, _config("cnc", warp_beside_all_to_all=True, **found), **kw)
+    assert "(the warping-trigger proxy): not searched; the dynamic all-to-all" in text
+    beside = purify(model, _config("cnc", warp_beside_all_to_all=True, **dynamic), **kw)
     assert "reach" in beside.detection["warp_inversion"]
-    gated = dict(knobs, permutation_min_flip=1.01)
-    alone = purify(model, _config("cnc", **gated), **kw)
-    assert alone.detection["permutation_inversion"]["used"] is False
-    assert "reach" in alone.detection["warp_inversion"]
+    permutation = dict(knobs, dynamic=False, permutation_min_flip=0.0, permutation_min_targets=0.0)
+    found = purify(model, _config("cnc", **permutation), **kw)
+    assert found.detection["permutation_inversion"]["used"] is True
+    assert "reach" in found.detection["warp_inversion"]
 
 
 def test_cleaning_can_use_the_all_to_all_trigger() -> None:
@@ -959,8 +960,8 @@ def test_prior_correction_knob() -> None:
     classifier's bias, and says what it did; an unknown reference is refused."""
     model = _model()
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    plain = purify(model, _config("cnc"), **kw)
-    fixed = purify(model, _config("cnc", prior_correction=3), **kw)
+    plain = purify(model, _config("cnc", prior_correction=0), **kw)
+    fixed = purify(model, _config("cnc", prior_correction=3, prior_avoided_below=None), **kw)
     rec = fixed.detection["prior_correction"]
     assert "prior" in fixed.timings and "prior" not in plain.timings
     assert rec["reference"] == "cleaned" and len(rec["shift"]) == 4 and any(rec["shift"])
@@ -975,3 +976,9 @@ def test_prior_correction_knob() -> None:
     assert "Class-prior correction: the classifier's biases were shifted" in text
     with pytest.raises(ValueError, match="prior_reference"):
         purify(model, _config("cnc", prior_reference="uniform"), **kw)
+    # the preset shifts only the classes the student avoids, and records which
+    preset = purify(model, _config("cnc"), **kw).detection["prior_correction"]
+    before, teacher = preset["student_before"], preset["teacher"]
+    assert preset["avoided_below"] == 0.6
+    assert preset["corrected"] == [c for c in range(4) if before[c] < 0.6 * teacher[c]]
+    assert all(preset["shift"][c] == 0.0 for c in range(4) if c not in preset["corrected"])
