@@ -339,8 +339,19 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
     if record.get("skipped"):
         return [f"{name}: not applied; {record['skipped']}.", ""]
     shift = record["shift"]
-    c = max(range(len(shift)), key=lambda k: abs(shift[k]))
     teacher = "cleaned teacher" if record["reference"] == "cleaned" else "original model"
+    if record.get("corrected") == []:
+        ratios = [
+            s / max(t, 1e-12)
+            for s, t in zip(record["student_before"], record["teacher"], strict=True)
+        ]
+        return [
+            f"{name}: no class needed it; the student gave every class at least "
+            f"{_pct(min(ratios))} of the {teacher}'s share on the clean synthetic images "
+            f"(the bar: {_pct(record['avoided_below'])}).",
+            "",
+        ]
+    c = max(range(len(shift)), key=lambda k: abs(shift[k]))
     return [
         f"{name}: the classifier's biases were shifted so that the student's class "
         f"distribution on the clean synthetic images matches the {teacher}'s. Largest "

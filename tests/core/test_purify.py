@@ -982,3 +982,6 @@ def test_prior_correction_knob() -> None:
     assert preset["avoided_below"] == 0.6
     assert preset["corrected"] == [c for c in range(4) if before[c] < 0.6 * teacher[c]]
     assert all(preset["shift"][c] == 0.0 for c in range(4) if c not in preset["corrected"])
+    none = dict(preset, corrected=[], shift=[0.0] * 4)
+    text = render_report({"detection": {"prior_correction": none}})
+    assert "Class-prior correction: no class needed it" in text and "+0.00" not in text
