@@ -75,13 +75,16 @@ def _inversion(
     return ps.inversion
 
 
+def _recall(net: Any, xc: Any, yc: Any) -> list[float]:
+    """Each class's recall (%) of ``net`` on the images ``xc`` labelled ``yc``."""
+    ms = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    return [round(accuracy(net, xc[yc == c], yc[yc == c], **ms), 2) for c in range(10)]
+
+
 def _scores(net: Any, xc: Any, yc: Any, sets: dict[str, Any], n: int) -> dict[str, Any]:
     """ACC, ASR and each class's recall of ``net`` on the first ``n`` test images."""
     ms = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    out = {
-        "acc": accuracy(net, xc, yc, **ms),
-        "recall": [round(accuracy(net, xc[yc == c], yc[yc == c], **ms), 2) for c in range(10)],
-    }
+    out = {"acc": accuracy(net, xc, yc, **ms), "recall": _recall(net, xc, yc)}
     if sets["poisoned"] is not None:
         xp, yp = sets["poisoned"][0][:n], sets["poisoned"][1][:n]
         out["asr"] = attack_success_rate(net, xp, yp, **ms)
@@ -204,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "acc": accuracy(res.model, xc, yc, **ms),
     }
     # where the accuracy goes, class by class (session 22): recall before / after
-    out["recall_before"], out["recall"] = (
-        [round(accuracy(net, xc[yc == c], yc[yc == c], **ms), 2) for c in range(10)]
-        for net in (model, res.model)
-    )
+    out["recall_before"], out["recall"] = _recall(model, xc, yc), _recall(res.model, xc, yc)
     if args.mode == "all2one":
         # where the accuracy goes: the recall of the attack's target class (0) on clean
         # images, before and after (session 9: the removal costs most of its ACC there)
