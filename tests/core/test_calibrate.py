@@ -58,9 +58,7 @@ def test_prior_correction_can_shift_only_the_avoided_classes() -> None:
         student[3].bias[1] += 0.2  # a small drift, left alone
     images = torch.randn(256, 3, 2, 2, generator=torch.Generator().manual_seed(3))
     bias = student[3].bias.detach().clone()
-    rec = match_class_prior(
-        student, teacher, images, num_classes=4, avoided_below=0.6, max_shift=6
-    )
+    rec = match_class_prior(student, teacher, images, num_classes=4, avoided_below=0.6, max_shift=6)
     assert rec is not None and rec.corrected == [2]
     assert rec.shift[2] > 2.0 and rec.shift[0] == rec.shift[1] == rec.shift[3] == 0.0
     assert abs(rec.student_after[2] - rec.teacher[2]) < 0.02
