@@ -6,11 +6,20 @@ import hashlib
 import json
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, METHODS
+from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, KNOB_LIMITS, METHODS
 
 
 class JobOptions(BaseModel):
@@ -35,7 +44,11 @@ class JobOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     export_onnx: bool = True
-    advanced: dict[str, Any] = Field(default_factory=dict, description="Expert knobs by name")
+    advanced: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Expert knobs by name; each is checked against its choices "
+        "(KNOB_CHOICES) or its type and range (KNOB_LIMITS) at submission",
+    )
     callback_url: str | None = Field(
         None, max_length=2048, description="POSTed (HMAC-signed) when the job ends"
     )
@@ -70,6 +83,12 @@ class JobOptions(BaseModel):
                 raise ValueError(
                     f"advanced setting {name}={value[name]!r} is not one of {', '.join(choices)}"
                 )
+        for name in sorted(set(value) & set(KNOB_LIMITS)):
+            try:
+                _knob_type(name).validate_python(value[name])
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"]
+                raise ValueError(f"advanced setting {name}={value[name]!r}: {reason}") from None
         return value
 
     @field_validator("callback_url")
@@ -88,6 +107,26 @@ class JobOptions(BaseModel):
                     f"{name} needs 1 or in_chans={self.in_chans} values, got {len(values)}"
                 )
         return self
+
+
+@cache
+def _knob_type(name: str) -> TypeAdapter[Any]:
+    """A strict pydantic type for one bounded advanced setting (``KNOB_LIMITS``)."""
+    kind, low, high, nullable, open_low, max_items = KNOB_LIMITS[name]
+    bounds: dict[str, Any] = {"le": high, "strict": True}
+    bounds["gt" if open_low else "ge"] = low
+    scalar: Any = {
+        "bool": Annotated[bool, Field(strict=True)],
+        "int": Annotated[int, Field(**bounds)],
+        "float": Annotated[float, Field(**bounds, allow_inf_nan=False)],
+        "ints": list[Annotated[int, Field(**bounds)]],
+        "strs": list[Annotated[str, Field(min_length=low, max_length=high, strict=True)]],
+    }[kind]
+    if kind == "ints":
+        scalar = Annotated[scalar, Field(min_length=1, max_length=max_items)]
+    elif kind == "strs":
+        scalar = Annotated[scalar, Field(max_length=max_items)]
+    return TypeAdapter(scalar | None if nullable else scalar)
 
 
 class JobSpec(JobOptions):

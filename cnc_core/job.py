@@ -26,6 +26,7 @@ from cnc_core.compress import (
 )
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
+from cnc_core.limits import check_knobs
 from cnc_core.metrics import measure_latency, model_stats
 from cnc_core.onnx_export import export_onnx, verify_onnx
 from cnc_core.plots import plot_histogram, plot_spectra, plot_summary
@@ -117,6 +118,7 @@ def describe_device(device: torch.device) -> str:
 
 def split_advanced(config: JobConfig) -> tuple[CompressConfig, dict[str, Any], dict[str, Any]]:
     """Split ``config.advanced`` into a CompressConfig, purification knobs and job knobs."""
+    check_knobs(config.advanced)
     knobs = dict(config.advanced)
     job_knobs = {k: knobs.pop(k, v) for k, v in JOB_KNOBS.items()}
     compress_kwargs, knobs = split_compress_knobs(knobs)

@@ -142,6 +142,16 @@ def test_api_setting_choices_match_the_library() -> None:
     assert set(KNOB_CHOICES) <= ADVANCED_KNOBS
 
 
+def test_api_setting_limits_match_the_library() -> None:
+    from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, KNOB_LIMITS
+    from cnc_core.limits import KNOB_LIMITS as LIBRARY_LIMITS
+
+    assert {k: tuple(v) for k, v in LIBRARY_LIMITS.items()} == KNOB_LIMITS
+    # every setting is bounded one way: a string choice or a type and range, never neither
+    assert set(KNOB_LIMITS) | set(KNOB_CHOICES) == ADVANCED_KNOBS
+    assert not set(KNOB_LIMITS) & set(KNOB_CHOICES)
+
+
 def test_job_spec_mirrors_job_config() -> None:
     from dataclasses import fields
 

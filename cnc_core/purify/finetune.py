@@ -45,6 +45,7 @@ BN_MODES = ("eval", "train")
 #: ``FinetuneConfig.optimizer`` and ``proxy_labels`` choices.
 OPTIMIZERS = ("adam", "sgd")
 PROXY_LABELS = ("hard", "soft")
+LOGIT_TEACHER_ON = ("all", "agreed")  # where the original's logits join the targets
 #: ``FinetuneConfig.stamped_batch`` choices: how stamped images meet BN in train mode.
 STAMPED_BATCHES = ("separate", "joint", "both")
 
@@ -453,7 +454,7 @@ def finetune(
         raise ValueError(f"proxy_labels must be 'hard' or 'soft', not {config.proxy_labels!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
-    if config.logit_teacher_on not in ("all", "agreed"):
+    if config.logit_teacher_on not in LOGIT_TEACHER_ON:
         raise ValueError(
             f"logit_teacher_on must be 'all' or 'agreed', not {config.logit_teacher_on!r}"
         )

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
+from cnc_core.limits import check_knob
 from cnc_core.progress import ProgressFn, StagePlan
 from cnc_core.purify.calibrate import match_class_prior
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
@@ -53,6 +54,7 @@ from cnc_core.purify.dynamic import (
 )
 from cnc_core.purify.finetune import (
     BN_MODES,
+    LOGIT_TEACHER_ON,
     OPTIMIZERS,
     PROXY_LABELS,
     STAMPED_BATCHES,
@@ -640,6 +642,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "bn_mode": BN_MODES,
     "optimizer": OPTIMIZERS,
     "proxy_labels": PROXY_LABELS,
+    "logit_teacher_on": LOGIT_TEACHER_ON,
     "stamped_batch": STAMPED_BATCHES,
     "all_to_all_batch": STAMPED_BATCHES,
     "permutation_blend_batch": STAMPED_BATCHES,
@@ -672,6 +675,7 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
         raise ValueError(
             f"unknown purification setting {name!r}; known: {', '.join(sorted(KNOBS))}"
         )
+    check_knob(name, value)
     path = KNOBS[name]
     defaults = _optional_defaults()
     if len(path) == 1 and path[0] in defaults:

@@ -75,7 +75,20 @@ def test_422_names_the_field(client, make_key):
     r = client.post("/v1/jobs", json=bad_value, headers=bearer(key))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "advanced"
     assert "gradient" in r.json()["detail"] and "response" in r.json()["detail"]
-    good_value = spec(model_id, advanced={"allocation_spectra": "weight", "bn_mode": "eval"})
+    for knob, value, reason in [
+        ("num_images", 10**9, "less than or equal to 32768"),  # a runaway size
+        ("lr", -0.1, "greater than 0"),
+        ("epochs", "15", "valid integer"),  # no coercion: the worker would get a string
+        ("cleaning", 1, "valid boolean"),
+    ]:
+        body = spec(model_id, advanced={knob: value})
+        r = client.post("/v1/jobs", json=body, headers=bearer(key))
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "advanced", r.text
+        assert knob in r.json()["detail"] and reason in r.json()["detail"], r.text
+    good_value = spec(
+        model_id,
+        advanced={"allocation_spectra": "weight", "bn_mode": "eval", "lr": 1, "warp_weight": None},
+    )
     assert client.post("/v1/jobs", json=good_value, headers=bearer(key)).status_code == 202
     r = client.post("/v1/jobs", json=spec(model_id, mean=[0.1, 0.2]), headers=bearer(key))
     assert r.status_code == 422 and "mean" in r.json()["detail"]

@@ -116,6 +116,8 @@ def test_cancellation_from_the_progress_callback_stops_the_job(
         ({"ratio": 1000.0}, "cannot reach"),
         ({"method": "magic"}, "method must be"),
         ({"advanced": {"bogus": 1}}, "unknown advanced"),
+        ({"advanced": {"num_images": 10**9}}, r"num_images=1000000000 must be .* \[1, 32768\]"),
+        ({"advanced": {"rank_multiple": 0}}, "rank_multiple=0 must be an integer"),
     ],
 )
 def test_bad_jobs_fail_with_a_named_reason(
