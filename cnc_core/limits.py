@@ -1,17 +1,20 @@
 """Bounds on the advanced settings a job may set: type and range of every non-string knob.
 
 An uploaded job's ``advanced`` settings come from an untrusted client. A size knob left
-unbounded is a denial of service (``num_images: 10**9`` fills the worker's memory,
-``epochs: 10**6`` holds a GPU until the time limit), and a value of the wrong type or
-sign fails deep in a stage with an error that names no setting. Every knob that is not a
+unbounded invites a runaway job (``num_images: 10**9`` asks for terabytes; ``epochs:
+10**6`` holds a GPU until the time limit), and a value of the wrong type or sign fails
+deep in a stage with an error that names no setting. Every knob that is not a
 string choice (those are ``advanced_knob_choices``) has a :class:`Limit` here, checked by
 :func:`check_knob` before any work starts, with an error that names the knob and its
 range. ``app.methods.KNOB_LIMITS`` is a copy (the API never imports the library; a test
 asserts the two are equal), so a bad value is a 422 at submission, not a failed job.
 
 The ranges are generous: they admit every value the benchmarks and the explorations used
-and stop only what is nonsense (a negative weight, a share above 1) or runaway (the size
-ceilings). Pure Python: no torch.
+and stop only what is nonsense (a negative weight, a share above 1) or runaway. They are
+per setting, so they do not bound a job's memory on their own: the ceilings times a
+large input (``input_size`` up to 1,024) can still ask for more than a worker holds, and
+so can the defaults there; such a job fails when the worker runs out, and the job's time
+limit (``worker.runner``) bounds the compute. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ BOOL = Limit("bool")
 SWITCH = Limit("bool", nullable=True)  # a stage switched on (true) or off (false or null)
 SHARE = Limit("float", 0.0, 1.0)  # a fraction of images, channels or classes
 WEIGHT = Limit("float", 0.0, 1e6)  # a loss weight or penalty
-POSITIVE = Limit("float", 0.0, 1e3, open_low=True)  # a rate, threshold or temperature
+POSITIVE = Limit("float", 0.0, 1e3, open_low=True)  # a rate, scale or temperature
+OUTLIER_BAR = Limit("float", 0.0, 1e3)  # u of median + u * MAD (or mean + u * std)
 STEPS = Limit("int", 1, 100_000)  # optimisation steps of one search
 COUNT = Limit("int", 0, 1_000)  # rounds, restarts, epochs, corrections
 # A gate's bar, compared with a measured share or ratio: any finite number, since a bar
@@ -60,7 +64,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "exclude": Limit("strs", 1, 512, max_items=1_024),
     "keep_dense_if_larger": BOOL,
     "mac_ratio": Limit("float", 1.0, 1e3, nullable=True),
-    "min_layer_share": SHARE,
+    "min_layer_share": Limit("float", 0.0, 0.999),  # 1 would keep every layer dense
     "rank_multiple": Limit("int", 1, 1_024),
     "scale_stem": BOOL,
     "t_scale": POSITIVE,
@@ -85,7 +89,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "blend_noise": Limit("int", 0, 1_024),
     "permutation": SWITCH,
     "permutation_steps": STEPS,
-    "permutation_restarts": Limit("int", 0, 64),
+    "permutation_restarts": Limit("int", 1, 64),
     "permutation_min_flip": GATE,
     "permutation_min_targets": GATE,
     "permutation_any_restart": BOOL,
@@ -113,7 +117,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "inverted_beside_all_to_all": BOOL,
     # teacher cleaning, rank sensitivity, refit, CLP
     "cleaning": SWITCH,
-    "cleaning_u": POSITIVE,
+    "cleaning_u": OUTLIER_BAR,
     "cleaning_max_fraction": SHARE,
     "cleaning_rounds": COUNT,
     "cleaning_max_flip": NULLABLE_GATE,
@@ -126,14 +130,14 @@ KNOB_LIMITS: dict[str, Limit] = {
     "target_max_flip": GATE,
     "drop_disputed": BOOL,
     "sensitivity": SWITCH,
-    "sensitivity_u": POSITIVE,
+    "sensitivity_u": OUTLIER_BAR,
     "refit": SWITCH,
     "refit_damping": Limit("float", 0.0, 1e3),
-    "clp_u": POSITIVE,
+    "clp_u": OUTLIER_BAR,
     "clp_compress": BOOL,
     # fine-tuning
     "epochs": COUNT,
-    "lr": Limit("float", 0.0, 10.0, open_low=True),
+    "lr": Limit("float", 0.0, 10.0),  # 0: the weights stay, only BN is re-estimated
     "weight_decay": Limit("float", 0.0, 1.0),
     "batch_size": Limit("int", 1, 4_096),
     "temperature": POSITIVE,
@@ -147,7 +151,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "patience": COUNT,
     "holdout": Limit("float", 0.0, 0.9),
     "augment": BOOL,
-    "shift": Limit("int", 0, 64),
+    "shift": Limit("int", 0, 7),  # pixels; reflect padding needs less than the side (>= 8)
     "flip": BOOL,
     "mixup": Limit("float", 0.0, 100.0),
     "logit_teacher_share": SHARE,
@@ -211,7 +215,9 @@ def _fits(value: Any, limit: Limit) -> bool:
         return False
     if limit.kind == "ints":
         return len(value) > 0 and all(_is_int(v) and _in_range(v, limit) for v in value)
-    return all(isinstance(v, str) and _in_range(len(v), limit) for v in value)
+    if limit.kind == "strs":
+        return all(isinstance(v, str) and _in_range(len(v), limit) for v in value)
+    raise ValueError(f"unknown limit kind {limit.kind!r}")
 
 
 def check_knob(name: str, value: Any) -> None:

@@ -146,10 +146,47 @@ def test_api_setting_limits_match_the_library() -> None:
     from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, KNOB_LIMITS
     from cnc_core.limits import KNOB_LIMITS as LIBRARY_LIMITS
 
-    assert {k: tuple(v) for k, v in LIBRARY_LIMITS.items()} == KNOB_LIMITS
+    assert {k: tuple(v) for k, v in LIBRARY_LIMITS.items()} == {
+        k: tuple(v) for k, v in KNOB_LIMITS.items()
+    }
     # every setting is bounded one way: a string choice or a type and range, never neither
     assert set(KNOB_LIMITS) | set(KNOB_CHOICES) == ADVANCED_KNOBS
     assert not set(KNOB_LIMITS) & set(KNOB_CHOICES)
+
+
+def test_api_and_library_accept_the_same_setting_values() -> None:
+    """The API's pydantic check and ``cnc_core.limits.check_knob`` agree at every bound."""
+    from pydantic import ValidationError
+
+    from app.methods import KNOB_LIMITS
+    from app.schemas import JobOptions
+    from cnc_core.limits import check_knob
+
+    def probes(limit: tuple) -> list[object]:
+        kind, low, high = limit[0], limit[1], limit[2]
+        values: list[object] = [None, True, False, 0, 1, 1.0, 2.5, -1, "1", [], [1], ["x"]]
+        for bound in (low, high):
+            if bound is not None:
+                values += [bound, bound - 1, bound + 1, bound - 1e-9, bound + 1e-9]
+                values += [[int(bound)], [int(bound) + 1]] if kind == "ints" else []
+        return values
+
+    disagree = []
+    for name, limit in KNOB_LIMITS.items():
+        for value in probes(limit):
+            try:
+                check_knob(name, value)
+                library = True
+            except ValueError:
+                library = False
+            try:
+                JobOptions(arch="resnet18", num_classes=10, advanced={name: value})
+                api = True
+            except ValidationError:
+                api = False
+            if api != library:
+                disagree.append((name, value, api, library))
+    assert disagree == []
 
 
 def test_job_spec_mirrors_job_config() -> None:

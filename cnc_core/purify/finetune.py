@@ -456,7 +456,7 @@ def finetune(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
     if config.logit_teacher_on not in LOGIT_TEACHER_ON:
         raise ValueError(
-            f"logit_teacher_on must be 'all' or 'agreed', not {config.logit_teacher_on!r}"
+            f"logit_teacher_on must be one of {LOGIT_TEACHER_ON}, not {config.logit_teacher_on!r}"
         )
     if config.stamped_batch not in STAMPED_BATCHES:
         raise ValueError(

@@ -77,7 +77,7 @@ def test_422_names_the_field(client, make_key):
     assert "gradient" in r.json()["detail"] and "response" in r.json()["detail"]
     for knob, value, reason in [
         ("num_images", 10**9, "less than or equal to 32768"),  # a runaway size
-        ("lr", -0.1, "greater than 0"),
+        ("lr", -0.1, "greater than or equal to 0"),
         ("epochs", "15", "valid integer"),  # no coercion: the worker would get a string
         ("cleaning", 1, "valid boolean"),
     ]:

@@ -35,7 +35,7 @@ def test_every_preset_value_fits_its_limit(method: str) -> None:
     assert len(values) > 80
 
 
-def test_null_is_accepted_exactly_where_the_field_takes_none() -> None:
+def test_kind_and_null_match_the_field_type() -> None:
     sections = pipeline._optional_defaults()
     for name, path in KNOBS.items():
         if name not in KNOB_LIMITS or (len(path) == 1 and path[0] in sections):
@@ -44,7 +44,9 @@ def test_null_is_accepted_exactly_where_the_field_takes_none() -> None:
         for key in path[:-1]:
             owner = getattr(owner, key) or sections[key]
         annotation = {f.name: str(f.type) for f in fields(owner)}[path[-1]]
-        assert KNOB_LIMITS[name].nullable == ("None" in annotation), (name, annotation)
+        limit = KNOB_LIMITS[name]
+        assert limit.nullable == ("None" in annotation), (name, annotation)
+        assert annotation.split(" |")[0] == limit.kind, (name, annotation, limit.kind)
 
 
 def test_compression_and_job_defaults_fit() -> None:
@@ -60,7 +62,10 @@ def test_compression_and_job_defaults_fit() -> None:
         ("epochs", 2.0, "epochs=2.0 must be an integer"),
         ("epochs", True, "epochs=True must be an integer"),
         ("epochs", None, "epochs=None"),
-        ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
+        ("lr", -0.1, r"lr=-0.1 must be a number in \[0, 10\]"),
+        ("temperature", 0, r"temperature=0 must be a number in \(0, 1000\]"),
+        ("permutation_restarts", 0, r"must be an integer in \[1, 64\]"),
+        ("min_layer_share", 1.0, "min_layer_share=1.0"),
         ("lr", "0.1", "lr='0.1' must be a number"),
         ("holdout", float("nan"), "holdout=nan"),
         ("proxy_weight", float("inf"), "proxy_weight=inf"),
@@ -82,6 +87,7 @@ def test_out_of_range_values_are_refused_by_name(name: str, value: Any, message:
     ("name", "value"),
     [
         ("lr", 1),  # an int where a float is asked for
+        ("lr", 0),  # no step: BN re-estimated only
         ("warp_weight", None),  # nullable: the knob's "off"
         ("cleaning", None),  # a switched section: null is off
         ("exclude", []),
