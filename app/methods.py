@@ -213,7 +213,7 @@ KNOB_LIMITS: dict[str, KnobLimit] = {
     "blend_noise": KnobLimit("int", 0, 1024),
     "permutation": KnobLimit("bool", nullable=True),
     "permutation_steps": KnobLimit("int", 1, 100000),
-    "permutation_restarts": KnobLimit("int", 1, 64),
+    "permutation_restarts": KnobLimit("int", 0, 64),
     "permutation_min_flip": KnobLimit("float", -1000000000000.0, 1000000000000.0),
     "permutation_min_targets": KnobLimit("float", -1000000000000.0, 1000000000000.0),
     "permutation_any_restart": KnobLimit("bool"),

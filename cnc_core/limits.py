@@ -89,7 +89,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "blend_noise": Limit("int", 0, 1_024),
     "permutation": SWITCH,
     "permutation_steps": STEPS,
-    "permutation_restarts": Limit("int", 1, 64),
+    "permutation_restarts": Limit("int", 0, 64),  # 0: the blend restarts alone
     "permutation_min_flip": GATE,
     "permutation_min_targets": GATE,
     "permutation_any_restart": BOOL,

@@ -168,6 +168,11 @@ def permutation_inversion(
     """
     if config.information not in INFORMATION:
         raise ValueError(f"information must be one of {INFORMATION}, not {config.information!r}")
+    if config.restarts + config.blend_restarts < 1:
+        raise ValueError(
+            "the permutation search needs at least one restart: "
+            "permutation_restarts + permutation_blend_restarts is 0"
+        )
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images.device
     c, h, w = images.shape[1:]

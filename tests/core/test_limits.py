@@ -64,7 +64,7 @@ def test_compression_and_job_defaults_fit() -> None:
         ("epochs", None, "epochs=None"),
         ("lr", -0.1, r"lr=-0.1 must be a number in \[0, 10\]"),
         ("temperature", 0, r"temperature=0 must be a number in \(0, 1000\]"),
-        ("permutation_restarts", 0, r"must be an integer in \[1, 64\]"),
+        ("permutation_restarts", 65, r"must be an integer in \[0, 64\]"),
         ("min_layer_share", 1.0, "min_layer_share=1.0"),
         ("lr", "0.1", "lr='0.1' must be a number"),
         ("holdout", float("nan"), "holdout=nan"),

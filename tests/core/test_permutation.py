@@ -161,3 +161,9 @@ def test_blend_restarts_can_draw_a_batch_of_their_own(images: torch.Tensor) -> N
     found = one(apart, True)
     right = sum(found.mapping[c] == (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES))
     assert right >= NUM_CLASSES - 1 and found.flip_rate > 0.5
+
+
+def test_no_restart_at_all_is_refused_by_name(images: torch.Tensor) -> None:
+    config = dataclasses.replace(CFG, restarts=0, blend_restarts=0)
+    with pytest.raises(ValueError, match="at least one restart"):
+        permutation_inversion(nn.Linear(1, 1), images, config, mean=MEAN, std=STD)
