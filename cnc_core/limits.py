@@ -52,7 +52,7 @@ COUNT = Limit("int", 0, 1_000)  # rounds, restarts, epochs, corrections
 # A gate's bar, compared with a measured share or ratio: any finite number, since a bar
 # outside [0, 1] is how a run forces a gate always open or always shut
 GATE = Limit("float", -1e12, 1e12)
-NULLABLE_GATE = Limit("float", -1e12, 1e12, nullable=True)
+NULLABLE_GATE = GATE._replace(nullable=True)
 
 KNOB_LIMITS: dict[str, Limit] = {
     # job (cnc_core.job.JOB_KNOBS)

@@ -679,14 +679,8 @@ def _apply_knob(config: PurifyConfig, name: str, value: Any) -> PurifyConfig:
     path = KNOBS[name]
     defaults = _optional_defaults()
     if len(path) == 1 and path[0] in defaults:
-        section = path[0]
-        chosen: Any
-        if value in (False, None):
-            chosen = None
-        elif value is True:
-            chosen = getattr(config, section) or defaults[section]
-        else:
-            raise ValueError(f"{name} takes true or false")
+        section = path[0]  # a switch: check_knob let through only true, false or null
+        chosen = (getattr(config, section) or defaults[section]) if value is True else None
         changes: dict[str, Any] = {section: chosen}
         return dataclasses.replace(config, **changes)
 
