@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved_latency, machine  # noqa: E402
+from bench.prior_variants import prior_variants  # noqa: E402
 from bench.synth_cache import cached_synthetic, model_key  # noqa: E402
 from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
@@ -58,6 +59,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no fine-tuning": {"epochs": 0},
     "no feature distillation": {"feature_weight": 0.0},
 }
+
+
+_NOT_PRINTED = ("timings", "detection", "prior_variants")  # long row entries
 
 
 def purify_config(method: str, ratio: float, seed: int, knobs: dict[str, Any]) -> PurifyConfig:
@@ -132,13 +136,23 @@ def evaluate_model(
             "detection": result.detection,
             "best_epoch": result.finetune.best_epoch if result.finetune else None,
         }
+        prior = result.detection.get("prior_correction", {})
+        if "shift" in prior and synthetic is not None:
+            row["prior_variants"] = prior_variants(
+                result.model,
+                synthetic,
+                prior,
+                lambda m: _score(m, sets, device),
+                iterations=cfg.prior_correction,
+            )
+            print(f"[{name}] {label} prior variants: {json.dumps(row['prior_variants'])}")
         rows[label] = row
         # the first purified model of each column is the one the latency table times: the
         # cnc preset's allocation reads the model's responses, so architectures differ
         args.timed_models.setdefault(label, (name, result.model))
         print(
             f"[{name}] {label}: "
-            + json.dumps({k: v for k, v in row.items() if k not in ("timings", "detection")}),
+            + json.dumps({k: v for k, v in row.items() if k not in _NOT_PRINTED}),
             flush=True,
         )
         return result
@@ -287,6 +301,7 @@ def to_markdown(data: dict[str, Any]) -> str:
             for c in columns
         ]
         lines.append(f"| {r['attack']} {r['mode']} | " + " | ".join(cells) + " |")
+    lines += _variant_lines(results, columns)
     if data.get("floor"):
         lines += [
             "",
@@ -306,6 +321,46 @@ def to_markdown(data: dict[str, Any]) -> str:
                 f"{row['latency_b1_ms']:.2f} | {row['latency_b64_ms']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _variant_lines(results: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    """The class-prior correction variants (bench/prior_variants.py) of each column that
+    recorded them: ACC / ASR per model, and the mean ACC drop and mean / max ASR."""
+    lines: list[str] = []
+    for c in columns:
+        have = [r for r in results if "prior_variants" in r["rows"].get(c, {})]
+        if not have:
+            continue
+        names = ["as run", *have[0]["rows"][c]["prior_variants"]]
+        lines += [
+            "",
+            f"{c}: the class-prior correction's variants, the same student (only the "
+            "classifier's biases differ; bench/prior_variants.py):",
+            "",
+            "| attack | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        scores: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        for r in have:
+            row = r["rows"][c]
+            cells = []
+            for n in names:
+                v = row if n == "as run" else row["prior_variants"][n]
+                drop = r["rows"]["none"]["acc"] - v["acc"]
+                scores[n].append((drop, v.get("asr", 0.0)))
+                cells.append(f"{v['acc']:.2f} / {v.get('asr', 0.0):.2f}")
+            lines.append(f"| {r['attack']} {r['mode']} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| **mean ACC drop; mean / max ASR** | "
+            + " | ".join(
+                f"{statistics.mean(d for d, _ in scores[n]):.2f}; "
+                f"{statistics.mean(a for _, a in scores[n]):.2f} / "
+                f"{max(a for _, a in scores[n]):.2f}"
+                for n in names
+            )
+            + " |"
+        )
+    return lines
 
 
 def merge(paths: list[Path], stem: Path) -> None:

@@ -114,6 +114,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "warp_weight": Limit("float", 0.0, 1e6, nullable=True),
     "warp_cleaning_u": Limit("float", 0.0, 1e3, nullable=True, open_low=True),
     "warp_beside_all_to_all": BOOL,
+    "warp_cleaning_other_class": BOOL,
     "inverted_beside_all_to_all": BOOL,
     # teacher cleaning, rank sensitivity, refit, CLP
     "cleaning": SWITCH,
@@ -162,6 +163,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "prior_correction": COUNT,
     "prior_max_shift": Limit("float", 0.0, 100.0, open_low=True),
     "prior_avoided_below": Limit("float", 0.0, 1.0, nullable=True, open_low=True),
+    "prior_spare_named": NULLABLE_GATE,
 }
 
 

@@ -340,6 +340,11 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         return [f"{name}: not applied; {record['skipped']}.", ""]
     shift = record["shift"]
     teacher = "cleaned teacher" if record["reference"] == "cleaned" else "original model"
+    spared = (
+        f" Left out as a named target: class {', '.join(map(str, record['spared']))}."
+        if record.get("spared")
+        else ""
+    )
     if record.get("corrected") == []:
         ratios = [
             s / max(t, 1e-12)
@@ -348,7 +353,7 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         return [
             f"{name}: no class needed it; the student gave every class at least "
             f"{_pct(min(ratios))} of the {teacher}'s share on the clean synthetic images "
-            f"(the bar: {_pct(record['avoided_below'])}).",
+            f"(the bar: {_pct(record['avoided_below'])}).{spared}",
             "",
         ]
     c = max(range(len(shift)), key=lambda k: abs(shift[k]))
@@ -357,7 +362,8 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         f"distribution on the clean synthetic images matches the {teacher}'s. Largest "
         f"shift {shift[c]:+.2f} logits, class {c}: the student gave it "
         f"{_pct(record['student_before'][c])} of its probability mass, the {teacher} "
-        f"{_pct(record['teacher'][c])}, after the shift {_pct(record['student_after'][c])}.",
+        f"{_pct(record['teacher'][c])}, after the shift {_pct(record['student_after'][c])}."
+        + spared,
         "",
     ]
 
@@ -374,11 +380,14 @@ def _warp_lines(record: dict[str, Any] | None) -> list[str]:
         "cleaning": "it drove the teacher cleaning",
         "both": "it drove the teacher cleaning and was stamped in unlearning",
     }
-    verdict = (
-        uses[record.get("use", "finetune")]
-        if record["used"]
-        else "not used (it reached too few images)"
-    )
+    if record["used"]:
+        verdict = uses[record.get("use", "finetune")]
+    elif record.get("cleaning"):
+        verdict = f"not used; the cleaning was {record['cleaning']}"
+    else:
+        verdict = "not used (it reached too few images)"
+    if record["used"] and record.get("cleaning"):  # "both", stamped only
+        verdict = f"{uses['finetune']}; the cleaning was {record['cleaning']}"
     return [
         f"{name}: a smooth warp of at most {record['max_shift']:g} pixel sends "
         f"{_pct(record['reach'])} of the synthetic images of other classes to class "

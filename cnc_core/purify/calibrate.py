@@ -16,7 +16,8 @@ iteration of Saerens et al. (Neural Computation 2002) for a changed class prior,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +26,16 @@ from torch import Tensor, nn
 
 @dataclass
 class PriorCorrection:
-    """What :func:`match_class_prior` did: the bias shift per class, and the mean predicted
-    class distributions of teacher and student (before and after) on the images."""
+    """What :func:`match_class_prior` did: the bias shift per class, the classes left out
+    (``spared``), and the mean predicted class distributions of teacher and student (before
+    and after) on the images."""
 
     corrected: list[int]
     shift: list[float]
     teacher: list[float]
     student_before: list[float]
     student_after: list[float]
+    spared: list[int] = field(default_factory=list)
 
 
 def classifier(model: nn.Module, num_classes: int) -> nn.Linear | None:
@@ -67,23 +70,56 @@ def match_class_prior(
     iterations: int = 10,
     max_shift: float = 3.0,
     avoided_below: float | None = None,
+    spared: Sequence[int] = (),
 ) -> PriorCorrection | None:
     """Shift ``student``'s classifier biases (in place) so that its mean predicted class
     distribution on ``images`` matches ``teacher``'s; None where the student has no
-    classifier with a bias. Each class's total shift is clipped to ``max_shift`` logits.
+    classifier with a bias. See :func:`shift_to_prior` for the options."""
+    return shift_to_prior(
+        student,
+        images,
+        mean_probs(teacher, images),
+        num_classes=num_classes,
+        iterations=iterations,
+        max_shift=max_shift,
+        avoided_below=avoided_below,
+        spared=spared,
+    )
+
+
+@torch.no_grad()
+def shift_to_prior(
+    student: nn.Module,
+    images: Tensor,
+    reference: Tensor,
+    *,
+    num_classes: int,
+    iterations: int = 10,
+    max_shift: float = 3.0,
+    avoided_below: float | None = None,
+    spared: Sequence[int] = (),
+) -> PriorCorrection | None:
+    """Shift ``student``'s classifier biases (in place) so that its mean predicted class
+    distribution on ``images`` matches ``reference`` (a class distribution); None where the
+    student has no classifier with a bias. Each class's total shift is clipped to
+    ``max_shift`` logits.
 
     ``avoided_below``: shift only the classes the student *avoids*, those given less than
-    this fraction of the teacher's share before the correction (the others' biases stay;
-    ``corrected`` lists them); None shifts every class."""
+    this fraction of the reference's share before the correction (the others' biases stay;
+    ``corrected`` lists them); None shifts every class. ``spared``: classes never shifted
+    (a class a search named as the backdoor target: raising it lets the backdoor back,
+    bench/results/explore-purify.md 4ab)."""
     head = classifier(student, num_classes)
     if head is None:
         return None
-    reference = mean_probs(teacher, images).clamp_min(1e-6)
+    reference = reference.detach().float().cpu().clamp_min(1e-6)
     before = mean_probs(student, images)
     if avoided_below is None:
         chosen = torch.ones(num_classes, dtype=torch.bool)
     else:
         chosen = before < avoided_below * reference
+    spared = sorted({int(c) for c in spared if 0 <= int(c) < num_classes})
+    chosen[spared] = False
     start = head.bias.detach().clone()
     current = before
     for _ in range(iterations if bool(chosen.any()) else 0):
@@ -98,4 +134,5 @@ def match_class_prior(
         teacher=[round(v, 4) for v in reference.tolist()],
         student_before=[round(v, 4) for v in before.tolist()],
         student_after=[round(v, 4) for v in current.tolist()],
+        spared=spared,
     )

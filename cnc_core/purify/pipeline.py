@@ -324,6 +324,13 @@ class PurifyConfig:
     # with two backdoors, one input-aware all-to-all and one warping all-to-one. Off, the
     # search is skipped there (see _warp_unused).
     warp_beside_all_to_all: bool = False
+    # A warp past its gate drives the cleaning (``warp_use`` "cleaning" / "both") only where
+    # it names another class than Neural Cleanse: the rule is for WaNet all-to-one, where
+    # Neural Cleanse misnames the target. Where both name one class, the inverted trigger
+    # keeps the cleaning (Blended all-to-one, session 23: the warp-driven round pruned 1
+    # channel and was undone; without the warp the inverted round held, 16 channels,
+    # explore-purify.md 4ab), and under "cleaning" the warp is then not used.
+    warp_cleaning_other_class: bool = False
     # Class-prior correction after fine-tuning (:mod:`.calibrate`): this many fixed-point
     # steps shift the student's classifier biases until its mean predicted class
     # distribution on the clean synthetic images matches the reference teacher's
@@ -336,6 +343,12 @@ class PurifyConfig:
     # Shift only the classes the student avoids: given less than this fraction of the
     # reference's share on the synthetic images (None: every class).
     prior_avoided_below: float | None = None
+    # Leave out of the correction the classes a search named as the backdoor target with
+    # evidence: Neural Cleanse's class where its anomaly index is at least this, and the
+    # class of a warp in use. None: none left out. Correcting the target lets the backdoor
+    # back (Blended all-to-one, anomaly index 2.36: 84.35 / 2.00 -> 86.40 / 9.40); the
+    # corrections that helped were of classes at anomaly index 0.67-0.99 (4ab).
+    prior_spare_named: float | None = None
     # What the rank allocator reads per layer: "weight", the singular values of the weights
     # (``compress`` alone), or "response", the spectra of the layer's responses on the
     # synthetic images in the refit's metric (:func:`.refit.activation_spectra`), so the
@@ -493,6 +506,8 @@ class PurifyConfig:
             warp=WARP,
             warp_use="cleaning",
             warp_cleaning_u=4.0,
+            # ... where it names another class than Neural Cleanse (session 24)
+            warp_cleaning_other_class=True,
             # the classes the removal made the student avoid (under 0.6 of the cleaned
             # teacher's share on the synthetic images) get their bias back: a clean model's
             # class 6 (Neural Cleanse's natural "target") 82.95 -> 84.85, Blended
@@ -500,6 +515,9 @@ class PurifyConfig:
             # -> 82.50 / 1.25; BadNet all-to-one untouched (explore-purify.md 4aa)
             prior_correction=10,
             prior_avoided_below=0.6,
+            # ... but never a class named as the target with an anomaly index >= 2 or by a
+            # warp in use (session 24, explore-purify.md 4ac)
+            prior_spare_named=2.0,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -627,10 +645,12 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_use": ("warp_use",),
     "warp_cleaning_u": ("warp_cleaning_u",),
     "warp_beside_all_to_all": ("warp_beside_all_to_all",),
+    "warp_cleaning_other_class": ("warp_cleaning_other_class",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
     "prior_avoided_below": ("prior_avoided_below",),
+    "prior_spare_named": ("prior_spare_named",),
     "allocation_spectra": ("allocation_spectra",),
 }
 
@@ -1160,12 +1180,14 @@ def purify(
                 iterations=config.prior_correction,
                 max_shift=config.prior_max_shift,
                 avoided_below=config.prior_avoided_below,
+                spared=named_targets(config.prior_spare_named, proxies),
             )
             detection["prior_correction"] = (
                 {
                     **dataclasses.asdict(corrected),
                     "reference": config.prior_reference,
                     "avoided_below": config.prior_avoided_below,
+                    "spare_named": config.prior_spare_named,
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
@@ -1559,12 +1581,37 @@ def _add_warp_trigger(
         return out
     record["use"] = config.warp_use
     field_ = found.fields[found.suspected]
+    named = proxies.inversion.suspected_target
     if config.warp_use in ("cleaning", "both"):
-        out.cleaning_warp = field_
+        if config.warp_cleaning_other_class and found.suspected == named:
+            record["cleaning"] = (
+                f"not driven: the warp names class {named}, as Neural Cleanse does, "
+                "whose inverted trigger keeps the cleaning (warp_cleaning_other_class)"
+            )
+        else:
+            out.cleaning_warp = field_
     if config.warp_use == "cleaning":
+        record["used"] = out.cleaning_warp is not None
         return out
     out.warp_field = field_
     return _restamped(out, clean, config, mean, std, seed_offset=971)
+
+
+def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
+    """The classes a search named as the backdoor target with evidence
+    (``PurifyConfig.prior_spare_named``): Neural Cleanse's class where its anomaly index is
+    at least ``min_anomaly``, and the class of a warp in use. Empty where ``min_anomaly``
+    is None."""
+    if min_anomaly is None:
+        return []
+    named: set[int] = set()
+    inv = proxies.inversion
+    if inv is not None and inv.anomaly_index >= min_anomaly:
+        named.add(int(inv.suspected_target))
+    warp = proxies.warp_record or {}
+    if warp.get("used"):
+        named.add(int(warp["suspected_target"]))
+    return sorted(named)
 
 
 def _stamp_of(

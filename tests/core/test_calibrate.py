@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from cnc_core.purify.calibrate import classifier, match_class_prior, mean_probs
+from cnc_core.purify.calibrate import classifier, match_class_prior, mean_probs, shift_to_prior
 
 
 def _net(seed: int) -> nn.Module:
@@ -66,3 +67,62 @@ def test_prior_correction_can_shift_only_the_avoided_classes() -> None:
     rec = match_class_prior(same, teacher, images, num_classes=4, avoided_below=0.6)
     assert rec is not None and rec.corrected == [] and not any(rec.shift)
     assert torch.equal(student[3].bias[[0, 1, 3]], bias[[0, 1, 3]])
+
+
+def test_prior_correction_spares_the_named_classes() -> None:
+    """A spared class keeps its bias even where the student avoids it; the others are
+    corrected as before, and an explicit reference distribution is the teacher's."""
+    teacher = _net(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[3].bias[2] -= 4.0
+        student[3].bias[0] -= 4.0  # both avoided; class 0 is the "named target"
+    images = torch.randn(256, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(student)
+    rec = match_class_prior(
+        student, teacher, images, num_classes=4, avoided_below=0.6, max_shift=6, spared=[0, 9]
+    )
+    assert rec is not None and rec.corrected == [2] and rec.spared == [0]
+    assert rec.shift[0] == 0.0 and rec.shift[2] > 2.0
+    again = shift_to_prior(
+        twin,
+        images,
+        mean_probs(teacher, images),
+        num_classes=4,
+        avoided_below=0.6,
+        max_shift=6,
+        spared=[0],
+    )
+    assert again is not None and again.shift == rec.shift
+
+
+def test_bench_prior_variants_redo_the_correction_on_the_same_student() -> None:
+    """bench/prior_variants.py: "uncorrected" undoes the run's shift, a variant redoes the
+    correction from it, and the run's biases are back afterwards."""
+    from bench.prior_variants import prior_variants
+
+    teacher = _net(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[3].bias[2] -= 4.0
+        student[3].bias[0] -= 4.0
+    images = torch.randn(256, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    plain_bias = student[3].bias.detach().clone()
+    rec = match_class_prior(student, teacher, images, num_classes=4, avoided_below=0.6, spared=[0])
+    assert rec is not None
+    record = {**dataclasses.asdict(rec), "avoided_below": 0.6}
+    as_run = student[3].bias.detach().clone()
+    seen = prior_variants(
+        student,
+        images,
+        record,
+        lambda m: {"bias": m[3].bias.tolist()},
+        iterations=10,
+        num_classes=4,
+    )
+    assert seen["uncorrected"]["bias"] == pytest.approx(plain_bias.tolist(), abs=1e-4)
+    assert seen["uncorrected"]["shift"] is None
+    assert seen["s23 rule (nothing spared, cap 3)"]["shift"][0] > 2.0  # class 0 corrected
+    assert seen["spared, cap 1"]["shift"][0] == 0.0
+    assert max(seen["spared, cap 1"]["shift"]) == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(student[3].bias, as_run)
