@@ -170,6 +170,19 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The choices that also take null (the library field's None: the fine-tuning's own batch
+#: mode); a copy of ``cnc_core.purify.pipeline.NULLABLE_CHOICES``.
+NULLABLE_CHOICES: frozenset[str] = frozenset(
+    {"all_to_all_batch", "permutation_blend_batch", "permutation_patch_batch", "warp_batch"}
+)
+
+
+#: Copies of ``cnc_core.limits.MAX_IMAGE_VALUES`` and ``DEFAULT_NUM_IMAGES``: the synthetic
+#: image set (num_images x in_chans x input_size^2) a job may ask for, in values.
+MAX_IMAGE_VALUES = 2**29
+DEFAULT_NUM_IMAGES = 1024
+
+
 class KnobLimit(NamedTuple):
     """A copy of ``cnc_core.limits.Limit`` (read its docstring): a setting's type and range."""
 

@@ -19,7 +19,15 @@ from pydantic import (
     model_validator,
 )
 
-from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, KNOB_LIMITS, METHODS
+from app.methods import (
+    ADVANCED_KNOBS,
+    DEFAULT_NUM_IMAGES,
+    KNOB_CHOICES,
+    KNOB_LIMITS,
+    MAX_IMAGE_VALUES,
+    METHODS,
+    NULLABLE_CHOICES,
+)
 
 
 class JobOptions(BaseModel):
@@ -79,10 +87,14 @@ class JobOptions(BaseModel):
                 f"known: {', '.join(sorted(ADVANCED_KNOBS))}"
             )
         for name, choices in KNOB_CHOICES.items():
-            if name in value and value[name] not in choices:
-                raise ValueError(
-                    f"advanced setting {name}={value[name]!r} is not one of {', '.join(choices)}"
-                )
+            if name not in value or value[name] in choices:
+                continue
+            if value[name] is None and name in NULLABLE_CHOICES:
+                continue
+            also = ", or null" if name in NULLABLE_CHOICES else ""
+            raise ValueError(
+                f"advanced setting {name}={value[name]!r} is not one of {', '.join(choices)}{also}"
+            )
         for name in sorted(set(value) & set(KNOB_LIMITS)):
             try:
                 _knob_type(name).validate_python(value[name])
@@ -106,6 +118,21 @@ class JobOptions(BaseModel):
                 raise ValueError(
                     f"{name} needs 1 or in_chans={self.in_chans} values, got {len(values)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _image_budget(self) -> JobOptions:
+        """The synthetic image set's size across settings (``cnc_core.limits``'s rule)."""
+        if self.method == "compress":
+            return self
+        n = self.advanced.get("num_images", DEFAULT_NUM_IMAGES)
+        values = n * self.in_chans * self.input_size**2
+        if values > MAX_IMAGE_VALUES:
+            raise ValueError(
+                f"num_images x in_chans x input_size^2 = {n} x {self.in_chans} x "
+                f"{self.input_size}^2 = {values:,} values exceeds the synthetic-image budget "
+                f"of {MAX_IMAGE_VALUES:,} (2 GiB of float32); lower num_images or input_size"
+            )
         return self
 
 

@@ -26,7 +26,7 @@ from cnc_core.compress import (
 )
 from cnc_core.export import ModelSpec, json_default, save_compact
 from cnc_core.io import load_checkpoint
-from cnc_core.limits import check_knobs
+from cnc_core.limits import DEFAULT_NUM_IMAGES, check_image_budget, check_knobs
 from cnc_core.metrics import measure_latency, model_stats
 from cnc_core.onnx_export import export_onnx, verify_onnx
 from cnc_core.plots import plot_histogram, plot_spectra, plot_summary
@@ -177,6 +177,9 @@ def run_job(
     if config.method == "compress" and purify_knobs:
         raise ValueError(f"unknown advanced settings for method compress: {sorted(purify_knobs)}")
     compress_config.validate()
+    if config.method != "compress":
+        num_images = purify_knobs.get("num_images", DEFAULT_NUM_IMAGES)
+        check_image_budget(num_images, config.in_chans, config.input_size)
     spec = ModelSpec(
         arch=config.arch,
         num_classes=config.num_classes,

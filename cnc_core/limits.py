@@ -11,10 +11,11 @@ asserts the two are equal), so a bad value is a 422 at submission, not a failed 
 
 The ranges are generous: they admit every value the benchmarks and the explorations used
 and stop only what is nonsense (a negative weight, a share above 1) or runaway. They are
-per setting, so they do not bound a job's memory on their own: the ceilings times a
-large input (``input_size`` up to 1,024) can still ask for more than a worker holds, and
-so can the defaults there; such a job fails when the worker runs out, and the job's time
-limit (``worker.runner``) bounds the compute. Pure Python: no torch.
+per setting; across settings, :func:`check_image_budget` bounds the synthetic image set
+(``num_images`` x ``in_chans`` x ``input_size``^2), the largest tensor every stage holds
+copies of. Activations of a large model at a large batch are not bounded here: such a job
+fails when the worker runs out, and the job's time limit (``worker.runner``) bounds the
+compute. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -237,3 +238,24 @@ def check_knobs(knobs: Mapping[str, Any]) -> None:
     """:func:`check_knob` on every item."""
     for name, value in knobs.items():
         check_knob(name, value)
+
+
+#: The synthetic image set's size in values (``num_images`` x ``in_chans`` x
+#: ``input_size``^2) a job may ask for: 2 GiB of float32 per copy, and the stages hold a few
+#: copies (the proxies, the stamped batches). The preset's 1,024 images fit up to 418 x 418
+#: pixels at 3 channels; 32,768 CIFAR-sized ones fit. ``app.methods`` holds a copy.
+MAX_IMAGE_VALUES = 2**29
+#: The synthetic images of every preset (``SynthesisConfig.num_images``; a test asserts it).
+DEFAULT_NUM_IMAGES = 1024
+
+
+def check_image_budget(num_images: int, in_chans: int, input_size: int) -> None:
+    """Raise ``ValueError`` naming the three settings where the synthetic image set would
+    exceed :data:`MAX_IMAGE_VALUES`."""
+    values = num_images * in_chans * input_size * input_size
+    if values > MAX_IMAGE_VALUES:
+        raise ValueError(
+            f"num_images x in_chans x input_size^2 = {num_images} x {in_chans} x "
+            f"{input_size}^2 = {values:,} values exceeds the synthetic-image budget of "
+            f"{MAX_IMAGE_VALUES:,} (2 GiB of float32); lower num_images or input_size"
+        )

@@ -142,6 +142,25 @@ def test_api_setting_choices_match_the_library() -> None:
     assert set(KNOB_CHOICES) <= ADVANCED_KNOBS
 
 
+def test_api_nullable_choices_match_the_library_fields() -> None:
+    """A choice the API lets be null is one whose library field takes None, and back."""
+    from dataclasses import fields
+
+    from app.methods import KNOB_CHOICES, NULLABLE_CHOICES
+    from cnc_core.purify import pipeline
+
+    assert NULLABLE_CHOICES == pipeline.NULLABLE_CHOICES
+    sections = pipeline._optional_defaults()
+    for name, path in pipeline.KNOBS.items():
+        if name not in KNOB_CHOICES:
+            continue
+        owner = pipeline.PurifyConfig()
+        for key in path[:-1]:
+            owner = getattr(owner, key) or sections[key]
+        annotation = {f.name: str(f.type) for f in fields(owner)}[path[-1]]
+        assert ("None" in annotation) == (name in NULLABLE_CHOICES), (name, annotation)
+
+
 def test_api_setting_limits_match_the_library() -> None:
     from app.methods import ADVANCED_KNOBS, KNOB_CHOICES, KNOB_LIMITS
     from cnc_core.limits import KNOB_LIMITS as LIBRARY_LIMITS

@@ -112,6 +112,7 @@ __all__ = [
     "ALLOCATION_SPECTRA",
     "KNOBS",
     "KNOB_CHOICES",
+    "NULLABLE_CHOICES",
     "METHODS",
     "METHOD_COMPRESS_DEFAULTS",
     "PurifyConfig",
@@ -676,6 +677,13 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "allocation_spectra": ALLOCATION_SPECTRA,
     "permutation_information": INFORMATION,
 }
+
+
+#: The choice knobs whose field also takes None ("unset": the finetune's own setting); a
+#: job's ``advanced`` may send null for them (the API's copy: ``app/methods.py``).
+NULLABLE_CHOICES: frozenset[str] = frozenset(
+    {"all_to_all_batch", "permutation_blend_batch", "permutation_patch_batch", "warp_batch"}
+)
 
 
 def _optional_defaults() -> dict[str, Any]:

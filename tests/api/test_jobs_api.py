@@ -85,11 +85,30 @@ def test_422_names_the_field(client, make_key):
         r = client.post("/v1/jobs", json=body, headers=bearer(key))
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "advanced", r.text
         assert knob in r.json()["detail"] and reason in r.json()["detail"], r.text
+    for knob in ("bn_mode", "warp_use"):  # a choice without a None field: null is refused
+        r = client.post("/v1/jobs", json=spec(model_id, advanced={knob: None}), headers=bearer(key))
+        assert (
+            r.status_code == 422 and knob in r.json()["detail"] and "null" not in r.json()["detail"]
+        )
+    r = client.post(
+        "/v1/jobs", json=spec(model_id, advanced={"warp_batch": "apart"}), headers=bearer(key)
+    )
+    assert r.status_code == 422 and "separate, joint, both, or null" in r.json()["detail"]
     good_value = spec(
         model_id,
-        advanced={"allocation_spectra": "weight", "bn_mode": "eval", "lr": 1, "warp_weight": None},
+        advanced={
+            "allocation_spectra": "weight",
+            "bn_mode": "eval",
+            "lr": 1,
+            "warp_weight": None,
+            "permutation_blend_batch": None,  # undoes the preset's "joint"
+        },
     )
     assert client.post("/v1/jobs", json=good_value, headers=bearer(key)).status_code == 202
+    big = spec(model_id, input_size=512, advanced={"num_images": 2048})  # 1.6e9 values
+    r = client.post("/v1/jobs", json=big, headers=bearer(key))
+    assert r.status_code == 422 and "synthetic-image budget" in r.json()["detail"], r.text
+    assert "2048 x 3 x 512^2" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(model_id, mean=[0.1, 0.2]), headers=bearer(key))
     assert r.status_code == 422 and "mean" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(str(uuid.uuid4())), headers=bearer(key))

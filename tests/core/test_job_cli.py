@@ -118,6 +118,11 @@ def test_cancellation_from_the_progress_callback_stops_the_job(
         ({"advanced": {"bogus": 1}}, "unknown advanced"),
         ({"advanced": {"num_images": 10**9}}, r"num_images=1000000000 must be .* \[1, 32768\]"),
         ({"advanced": {"rank_multiple": 0}}, "rank_multiple=0 must be an integer"),
+        (
+            {"method": "cnc", "input_size": 1024},
+            r"1024 x 3 x 1024\^2 = 3,221,225,472 values exceeds",
+        ),
+        ({"method": "cnc", "advanced": {"num_images": 32768}, "input_size": 128}, "image budget"),
     ],
 )
 def test_bad_jobs_fail_with_a_named_reason(

@@ -103,3 +103,19 @@ def test_values_inside_the_limits_pass(name: str, value: Any) -> None:
 def test_purify_knobs_are_checked_where_they_are_applied() -> None:
     with pytest.raises(ValueError, match="synthesis_iterations=-5 must be an integer"):
         PurifyConfig.from_knobs(method="cnc", knobs={"synthesis_iterations": -5})
+
+
+def test_the_synthetic_image_budget_spans_settings() -> None:
+    """``check_image_budget``: num_images x in_chans x input_size^2 against one bound, the
+    preset's image count is the default it assumes, and the API holds the same numbers."""
+    from app.methods import DEFAULT_NUM_IMAGES as API_DEFAULT
+    from app.methods import MAX_IMAGE_VALUES as API_MAX
+    from cnc_core.limits import DEFAULT_NUM_IMAGES, MAX_IMAGE_VALUES, check_image_budget
+
+    check_image_budget(DEFAULT_NUM_IMAGES, 3, 224)  # ImageNet-sized inputs fit the preset
+    check_image_budget(32_768, 3, 32)  # the largest image count at CIFAR size fits
+    with pytest.raises(ValueError, match=r"4096 x 3 x 224\^2 = 616,562,688 values exceeds"):
+        check_image_budget(4096, 3, 224)
+    assert (API_MAX, API_DEFAULT) == (MAX_IMAGE_VALUES, DEFAULT_NUM_IMAGES)
+    for method in (m for m in METHODS if m != "compress"):
+        assert PurifyConfig.for_method(method).synthesis.num_images == DEFAULT_NUM_IMAGES

@@ -689,6 +689,7 @@ def test_warp_can_drive_the_cleaning() -> None:
         warp_min_reach=0.0,
         cleaning_min_agreement=0.0,
         cleaning_max_flip=None,
+        warp_cleaning_other_class=False,
     )
     finetune = purify(model, _config("cnc", warp_use="finetune", **knobs), **kw)
     cleaning = purify(model, _config("cnc", warp_use="cleaning", **knobs), **kw)
@@ -718,6 +719,66 @@ def test_warp_can_drive_the_cleaning() -> None:
     strict = purify(model, _config("cnc", warp_use="cleaning", warp_cleaning_u=50, **knobs), **kw)
     assert strict.detection["teacher_cleaning"]["rounds"][0]["suppressed"] == 0
     assert loose.detection["teacher_cleaning"]["rounds"][0]["suppressed"] > 0
+
+
+def _warp_proxies(named: int | None, **extra: object) -> tuple[ProxySet, PurifyConfig]:
+    """The tiny model's proxies after the warp search (gate open), with Neural Cleanse's
+    class set to ``named`` (None: as found)."""
+    from cnc_core.purify.pipeline import _add_warp_trigger
+    from cnc_core.purify.proxies import make_proxies
+
+    model = _model()
+    config = _config("cnc", warp_steps=3, warp_min_reach=0.0, **extra)
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    proxies = make_proxies(model, images, config.proxy, num_classes=4, mean=0.5, std=0.25)
+    if named is not None:
+        assert proxies.inversion is not None
+        inversion = dataclasses.replace(proxies.inversion, suspected_target=named)
+        proxies = dataclasses.replace(proxies, inversion=inversion)
+    found = _add_warp_trigger(model, images, proxies, config, 0.5, 0.25, lambda *_: None)
+    return found, config
+
+
+def test_warp_drives_the_cleaning_only_where_it_names_another_class() -> None:
+    """``warp_cleaning_other_class`` (the preset): a warp past its gate that names Neural
+    Cleanse's class leaves the cleaning to the inverted trigger and, under
+    ``warp_use=cleaning``, is not used; one that names another class drives it."""
+    first, _ = _warp_proxies(None)
+    assert first.warp_record is not None
+    warp_class = int(first.warp_record["suspected_target"])
+    same, config = _warp_proxies(warp_class)
+    assert config.warp_cleaning_other_class and config.warp_use == "cleaning"
+    assert same.warp_record is not None and same.warp_record["used"] is False
+    assert same.cleaning_warp is None and "as Neural Cleanse does" in same.warp_record["cleaning"]
+    text = render_report({"detection": {"warp_inversion": same.warp_record}})
+    assert "not used; the cleaning was not driven" in text
+    other, _ = _warp_proxies((warp_class + 1) % 4)
+    assert other.warp_record is not None and other.warp_record["used"] is True
+    assert other.cleaning_warp is not None and "cleaning" not in other.warp_record
+    anyway, _ = _warp_proxies(warp_class, warp_cleaning_other_class=False)
+    assert anyway.cleaning_warp is not None
+    both, _ = _warp_proxies(warp_class, warp_use="both")  # still stamped in fine-tuning
+    assert both.warp_record is not None and both.warp_record["used"] is True
+    assert both.cleaning_warp is None and both.warp_field is not None
+    text = render_report({"detection": {"warp_inversion": both.warp_record}})
+    assert "stamped beside the inverted trigger in unlearning; the cleaning was not" in text
+
+
+def test_named_targets_spared_by_the_prior_correction() -> None:
+    """``prior_spare_named``: Neural Cleanse's class at or above the anomaly bar, and a warp
+    in use, are the named targets; the preset spares them in the correction."""
+    from cnc_core.purify.pipeline import named_targets
+
+    found, _ = _warp_proxies(2)
+    assert found.inversion is not None and found.warp_record is not None
+    anomaly = found.inversion.anomaly_index
+    warp = int(found.warp_record["suspected_target"])
+    assert named_targets(None, found) == []
+    assert named_targets(anomaly, found) == sorted({2, warp})
+    unused = dataclasses.replace(found, warp_record={**found.warp_record, "used": False})
+    assert named_targets(anomaly + 0.01, unused) == []
+    assert named_targets(anomaly, unused) == [2]
+    assert PurifyConfig.for_method("cnc").prior_spare_named == 2.0
 
 
 def test_warp_search_skipped_beside_a_dynamic_trigger() -> None:
@@ -979,9 +1040,17 @@ def test_prior_correction_knob() -> None:
     # the preset shifts only the classes the student avoids, and records which
     preset = purify(model, _config("cnc"), **kw).detection["prior_correction"]
     before, teacher = preset["student_before"], preset["teacher"]
-    assert preset["avoided_below"] == 0.6
+    assert preset["avoided_below"] == 0.6 and preset["spare_named"] == 2.0
+    assert not set(preset["spared"]) & set(preset["corrected"])
     assert preset["corrected"] == [c for c in range(4) if before[c] < 0.6 * teacher[c]]
     assert all(preset["shift"][c] == 0.0 for c in range(4) if c not in preset["corrected"])
+    # a named target keeps its bias (every class Neural Cleanse names passes a bar of -1e9)
+    knobs = dict(prior_correction=3, prior_avoided_below=None, prior_spare_named=-1e9)
+    spared = purify(model, _config("cnc", **knobs), **kw).detection
+    named, rec = spared["trigger_inversion"]["suspected_target"], spared["prior_correction"]
+    assert named in rec["spared"] and rec["shift"][named] == 0.0 and named not in rec["corrected"]
+    text = render_report({"detection": spared})
+    assert f"Left out as a named target: class {named}" in text
     none = dict(preset, corrected=[], shift=[0.0] * 4)
     text = render_report({"detection": {"prior_correction": none}})
     assert "Class-prior correction: no class needed it" in text and "+0.00" not in text
