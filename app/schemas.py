@@ -123,7 +123,7 @@ class JobOptions(BaseModel):
     @model_validator(mode="after")
     def _image_budget(self) -> JobOptions:
         """The synthetic image set's size across settings (``cnc_core.limits``'s rule)."""
-        if self.method == "compress":
+        if self.method in ("compress", "clp"):  # no synthetic images
             return self
         n = self.advanced.get("num_images", DEFAULT_NUM_IMAGES)
         values = n * self.in_chans * self.input_size**2

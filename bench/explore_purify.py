@@ -112,7 +112,9 @@ def _prior_variants(
             synth,
             num_classes=10,
             iterations=10,
+            max_shift=det["prior_correction"].get("max_shift", 3.0),
             avoided_below=det["prior_correction"].get("avoided_below"),
+            spared=det["prior_correction"].get("spared", []),
         )
         assert rec is not None
         out[other] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": rec.shift}

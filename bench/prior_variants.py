@@ -1,9 +1,10 @@
 """One purified student scored under other class-prior corrections, side by side.
 
 The correction (:mod:`cnc_core.purify.calibrate`) is the pipeline's last change to the model
-and touches only the classifier's biases, so every variant here is exactly the model the
-pipeline would return with that setting: the run's shift is undone and the correction redone
-from the same student, images and reference distribution (the run's record).
+and touches only the classifier's biases, so every variant here is the model the pipeline
+would return with that setting, up to the record's rounding (4 decimals of the shift and of
+the reference distribution): the run's shift is undone and the correction redone from the
+same student, images and reference distribution (the run's record).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def prior_variants(
     score: Callable[[nn.Module], dict[str, Any]],
     *,
     iterations: int,
-    num_classes: int = 10,
 ) -> dict[str, dict[str, Any]]:
     """``score(student)`` under each of :data:`VARIANTS`, given the run's
     ``detection["prior_correction"]`` record; the student's biases are restored after."""
+    num_classes = len(record["shift"])
     head = classifier(student, num_classes)
     assert head is not None and head.bias is not None
     as_run = head.bias.detach().clone()

@@ -177,7 +177,7 @@ def run_job(
     if config.method == "compress" and purify_knobs:
         raise ValueError(f"unknown advanced settings for method compress: {sorted(purify_knobs)}")
     compress_config.validate()
-    if config.method != "compress":
+    if config.method not in ("compress", "clp"):  # no synthetic images
         num_images = purify_knobs.get("num_images", DEFAULT_NUM_IMAGES)
         check_image_budget(num_images, config.in_chans, config.input_size)
     spec = ModelSpec(

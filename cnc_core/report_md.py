@@ -346,14 +346,19 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         else ""
     )
     if record.get("corrected") == []:
+        left_out = set(record.get("spared", []))
         ratios = [
             s / max(t, 1e-12)
-            for s, t in zip(record["student_before"], record["teacher"], strict=True)
+            for c, (s, t) in enumerate(
+                zip(record["student_before"], record["teacher"], strict=True)
+            )
+            if c not in left_out
         ]
+        other = "other " if left_out else ""
         return [
-            f"{name}: no class needed it; the student gave every class at least "
-            f"{_pct(min(ratios))} of the {teacher}'s share on the clean synthetic images "
-            f"(the bar: {_pct(record['avoided_below'])}).{spared}",
+            f"{name}: no {other}class needed it; the student gave every {other}class at least "
+            f"{_pct(min(ratios, default=1.0))} of the {teacher}'s share on the clean synthetic "
+            f"images (the bar: {_pct(record['avoided_below'])}).{spared}",
             "",
         ]
     c = max(range(len(shift)), key=lambda k: abs(shift[k]))

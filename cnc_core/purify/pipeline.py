@@ -346,7 +346,7 @@ class PurifyConfig:
     prior_avoided_below: float | None = None
     # Leave out of the correction the classes a search named as the backdoor target with
     # evidence: Neural Cleanse's class where its anomaly index is at least this, and the
-    # class of a warp in use. None: none left out. Correcting the target lets the backdoor
+    # class of a warp past its gate. None: none left out. Correcting the target lets the backdoor
     # back (Blended all-to-one, anomaly index 2.36: 84.35 / 2.00 -> 86.40 / 9.40); the
     # corrections that helped were of classes at anomaly index 0.67-0.99 (4ab).
     prior_spare_named: float | None = None
@@ -517,7 +517,7 @@ class PurifyConfig:
             prior_correction=10,
             prior_avoided_below=0.6,
             # ... but never a class named as the target with an anomaly index >= 2 or by a
-            # warp in use (session 24, explore-purify.md 4ac)
+            # warp past its gate (session 24, explore-purify.md 4ac)
             prior_spare_named=2.0,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
@@ -1196,6 +1196,7 @@ def purify(
                     "reference": config.prior_reference,
                     "avoided_below": config.prior_avoided_below,
                     "spare_named": config.prior_spare_named,
+                    "max_shift": config.prior_max_shift,
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
@@ -1584,7 +1585,9 @@ def _add_warp_trigger(
         "max_shift": config.warp.max_shift,
         "used": reach >= config.warp_min_reach,
     }
-    out = dataclasses.replace(proxies, warp_record=record)
+    # a reused ProxySet (the next ratio's run) carries no warp of an earlier run's config
+    out = dataclasses.replace(proxies, warp_record=record, cleaning_warp=None, warp_field=None)
+    record["passed"] = record["used"]  # the gate, whether or not the warp is then used
     if not record["used"]:
         return out
     record["use"] = config.warp_use
@@ -1594,7 +1597,7 @@ def _add_warp_trigger(
         if config.warp_cleaning_other_class and found.suspected == named:
             record["cleaning"] = (
                 f"not driven: the warp names class {named}, as Neural Cleanse does, "
-                "whose inverted trigger keeps the cleaning (warp_cleaning_other_class)"
+                "so the inverted trigger's cleaning stands (warp_cleaning_other_class)"
             )
         else:
             out.cleaning_warp = field_
@@ -1608,8 +1611,9 @@ def _add_warp_trigger(
 def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     """The classes a search named as the backdoor target with evidence
     (``PurifyConfig.prior_spare_named``): Neural Cleanse's class where its anomaly index is
-    at least ``min_anomaly``, and the class of a warp in use. Empty where ``min_anomaly``
-    is None."""
+    at least ``min_anomaly``, and the class of a warp past its gate (used or not: one that
+    agrees with Neural Cleanse is not used for the cleaning, and is the stronger evidence).
+    Empty where ``min_anomaly`` is None."""
     if min_anomaly is None:
         return []
     named: set[int] = set()
@@ -1617,7 +1621,7 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     if inv is not None and inv.anomaly_index >= min_anomaly:
         named.add(int(inv.suspected_target))
     warp = proxies.warp_record or {}
-    if warp.get("used"):
+    if warp.get("passed", warp.get("used")):
         named.add(int(warp["suspected_target"]))
     return sorted(named)
 

@@ -105,10 +105,14 @@ def test_422_names_the_field(client, make_key):
         },
     )
     assert client.post("/v1/jobs", json=good_value, headers=bearer(key)).status_code == 202
-    big = spec(model_id, input_size=512, advanced={"num_images": 2048})  # 1.6e9 values
+    big = spec(model_id, method="cnc", input_size=512, advanced={"num_images": 2048})
     r = client.post("/v1/jobs", json=big, headers=bearer(key))
     assert r.status_code == 422 and "synthetic-image budget" in r.json()["detail"], r.text
     assert "2048 x 3 x 512^2" in r.json()["detail"]
+    for method in ("compress", "clp"):  # no synthetic images: no budget
+        body = spec(model_id, method=method, input_size=1024)
+        r = client.post("/v1/jobs", json=body, headers=bearer(key))
+        assert r.status_code == 202, r.text
     r = client.post("/v1/jobs", json=spec(model_id, mean=[0.1, 0.2]), headers=bearer(key))
     assert r.status_code == 422 and "mean" in r.json()["detail"]
     r = client.post("/v1/jobs", json=spec(str(uuid.uuid4())), headers=bearer(key))

@@ -118,7 +118,6 @@ def test_bench_prior_variants_redo_the_correction_on_the_same_student() -> None:
         record,
         lambda m: {"bias": m[3].bias.tolist()},
         iterations=10,
-        num_classes=4,
     )
     assert seen["uncorrected"]["bias"] == pytest.approx(plain_bias.tolist(), abs=1e-4)
     assert seen["uncorrected"]["shift"] is None

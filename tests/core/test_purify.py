@@ -769,15 +769,25 @@ def test_named_targets_spared_by_the_prior_correction() -> None:
     in use, are the named targets; the preset spares them in the correction."""
     from cnc_core.purify.pipeline import named_targets
 
-    found, _ = _warp_proxies(2)
+    first, _ = _warp_proxies(None)
+    assert first.warp_record is not None
+    warp = int(first.warp_record["suspected_target"])
+    nc = (warp + 1) % 4
+    found, _ = _warp_proxies(nc)
     assert found.inversion is not None and found.warp_record is not None
     anomaly = found.inversion.anomaly_index
-    warp = int(found.warp_record["suspected_target"])
     assert named_targets(None, found) == []
-    assert named_targets(anomaly, found) == sorted({2, warp})
-    unused = dataclasses.replace(found, warp_record={**found.warp_record, "used": False})
-    assert named_targets(anomaly + 0.01, unused) == []
-    assert named_targets(anomaly, unused) == [2]
+    assert named_targets(anomaly, found) == sorted({nc, warp})
+    assert named_targets(anomaly + 0.01, found) == [warp]
+    gated = dataclasses.replace(
+        found, warp_record={**found.warp_record, "used": False, "passed": False}
+    )
+    assert named_targets(anomaly + 0.01, gated) == []
+    assert named_targets(anomaly, gated) == [nc]
+    # a warp that agrees with Neural Cleanse is not used for the cleaning, but still named
+    agrees, _ = _warp_proxies(warp)
+    assert agrees.warp_record is not None and agrees.warp_record["used"] is False
+    assert named_targets(1e9, agrees) == [warp]
     assert PurifyConfig.for_method("cnc").prior_spare_named == 2.0
 
 
@@ -1051,6 +1061,19 @@ def test_prior_correction_knob() -> None:
     assert named in rec["spared"] and rec["shift"][named] == 0.0 and named not in rec["corrected"]
     text = render_report({"detection": spared})
     assert f"Left out as a named target: class {named}" in text
-    none = dict(preset, corrected=[], shift=[0.0] * 4)
+    # the only avoided class spared: the others' least share is what the report quotes
+    lone = dict(
+        preset,
+        corrected=[],
+        spared=[1],
+        shift=[0.0] * 4,
+        teacher=[0.25] * 4,
+        student_before=[0.3, 0.05, 0.2, 0.45],
+        avoided_below=0.6,
+    )
+    text = render_report({"detection": {"prior_correction": lone}})
+    assert "no other class needed it; the student gave every other class at least 80" in text
+    assert "Left out as a named target: class 1." in text
+    none = dict(preset, corrected=[], spared=[], shift=[0.0] * 4)
     text = render_report({"detection": {"prior_correction": none}})
     assert "Class-prior correction: no class needed it" in text and "+0.00" not in text
