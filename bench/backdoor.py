@@ -335,21 +335,27 @@ def _variant_lines(results: list[dict[str, Any]], columns: list[str]) -> list[st
         lines += [
             "",
             f"{c}: the class-prior correction's variants, the same student (only the "
-            "classifier's biases differ; bench/prior_variants.py):",
+            "classifier's biases differ; bench/prior_variants.py). A row without variants "
+            "whose correction moved no class (* ) has the run's scores in every column: no "
+            "variant moves a class the run's rule left alone.",
             "",
             "| attack | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),
         ]
         scores: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-        for r in have:
-            row = r["rows"][c]
+        for r in results:
+            row = r["rows"].get(c, {})
+            variants = row.get("prior_variants") or _unmoved(row, names[1:])
+            if variants is None:
+                continue
             cells = []
             for n in names:
-                v = row if n == "as run" else row["prior_variants"][n]
+                v = row if n == "as run" else variants[n]
                 drop = r["rows"]["none"]["acc"] - v["acc"]
                 scores[n].append((drop, v.get("asr", 0.0)))
                 cells.append(f"{v['acc']:.2f} / {v.get('asr', 0.0):.2f}")
-            lines.append(f"| {r['attack']} {r['mode']} | " + " | ".join(cells) + " |")
+            star = "" if "prior_variants" in row else " *"
+            lines.append(f"| {r['attack']} {r['mode']}{star} | " + " | ".join(cells) + " |")
         lines.append(
             "| **mean ACC drop; mean / max ASR** | "
             + " | ".join(
@@ -361,6 +367,15 @@ def _variant_lines(results: list[dict[str, Any]], columns: list[str]) -> list[st
             + " |"
         )
     return lines
+
+
+def _unmoved(row: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """The variants of a row recorded before variants were (session 23's), where its
+    correction moved no class: each one is the row itself. None otherwise."""
+    prior = row.get("detection", {}).get("prior_correction", {})
+    if "shift" not in prior or any(prior["shift"]) or prior.get("corrected"):
+        return None
+    return {n: row for n in names}
 
 
 def merge(paths: list[Path], stem: Path) -> None:

@@ -27,6 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.prior_variants import prior_variants  # noqa: E402
 from bench.synth_cache import CACHE, cached_synthetic, model_key, synth_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
@@ -94,32 +95,34 @@ def _scores(net: Any, xc: Any, yc: Any, sets: dict[str, Any], n: int) -> dict[st
 def _prior_variants(
     student: Any, original: Any, synth: Any, det: dict, xc: Any, yc: Any, sets: dict, args: Any
 ) -> dict[str, Any]:
-    """The same student without the class-prior correction (its bias shift undone: the
-    correction is the last change to the model) and corrected against the original model
+    """The same student under the correction's variants (bench/prior_variants.py: without
+    it, the session 23 rule, capped shifts) and corrected against the original model
     instead of the reference the run used (session 22, explore-purify.md 4aa)."""
+    rec = det["prior_correction"]
+    out = prior_variants(
+        student, synth, rec, lambda m: _scores(m, xc, yc, sets, args.eval_n), iterations=10
+    )
+    if rec["reference"] != "cleaned":
+        return out
     head = classifier(student, 10)
     assert head is not None
-    shift = torch.tensor(det["prior_correction"]["shift"])
-    corrected = head.bias.detach().clone()
+    as_run = head.bias.detach().clone()
     with torch.no_grad():
-        head.bias.sub_(shift)
-    out = {"uncorrected": _scores(student, xc, yc, sets, args.eval_n)}
-    other = "original" if det["prior_correction"]["reference"] == "cleaned" else None
-    if other:
-        rec = match_class_prior(
-            student,
-            original,
-            synth,
-            num_classes=10,
-            iterations=10,
-            max_shift=det["prior_correction"].get("max_shift", 3.0),
-            avoided_below=det["prior_correction"].get("avoided_below"),
-            spared=det["prior_correction"].get("spared", []),
-        )
-        assert rec is not None
-        out[other] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": rec.shift}
+        head.bias.sub_(torch.tensor(rec["shift"]))
+    found = match_class_prior(
+        student,
+        original,
+        synth,
+        num_classes=10,
+        iterations=10,
+        max_shift=rec.get("max_shift", 3.0),
+        avoided_below=rec.get("avoided_below"),
+        spared=rec.get("spared", []),
+    )
+    assert found is not None
+    out["original"] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": found.shift}
     with torch.no_grad():
-        head.bias.copy_(corrected)
+        head.bias.copy_(as_run)
     return out
 
 

@@ -517,8 +517,13 @@ class PurifyConfig:
             prior_correction=10,
             prior_avoided_below=0.6,
             # ... but never a class named as the target with an anomaly index >= 2 or by a
-            # warp past its gate (session 24, explore-purify.md 4ac)
+            # warp past its gate (Blended all-to-one 86.05 / 12.13 -> 84.25 / 2.51), and by
+            # at most 1.5 logits: over the eight backdoored models the mean ACC drop 4.96 ->
+            # 4.68 at 3x, 6.37 -> 5.97 at 4x (WaNet all-to-one 83.06 -> 85.36), mean ASR
+            # 3.01 -> 3.12 and 3.55 -> 3.67; a clean model gives back 0.25 and 0.85 of its
+            # 1.6 and 2.7 points (session 24, explore-purify.md 4ac)
             prior_spare_named=2.0,
+            prior_max_shift=1.5,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",

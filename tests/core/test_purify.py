@@ -1051,6 +1051,7 @@ def test_prior_correction_knob() -> None:
     preset = purify(model, _config("cnc"), **kw).detection["prior_correction"]
     before, teacher = preset["student_before"], preset["teacher"]
     assert preset["avoided_below"] == 0.6 and preset["spare_named"] == 2.0
+    assert preset["max_shift"] == 1.5 and max(abs(v) for v in preset["shift"]) <= 1.5
     assert not set(preset["spared"]) & set(preset["corrected"])
     assert preset["corrected"] == [c for c in range(4) if before[c] < 0.6 * teacher[c]]
     assert all(preset["shift"][c] == 0.0 for c in range(4) if c not in preset["corrected"])
