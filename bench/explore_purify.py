@@ -27,14 +27,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.prior_variants import prior_variants  # noqa: E402
+from bench.prior_variants import VARIANTS, Variant, prior_variants  # noqa: E402
 from bench.synth_cache import CACHE, cached_synthetic, model_key, synth_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.export import ModelSpec, save_compact  # noqa: E402
-from cnc_core.purify.calibrate import classifier, match_class_prior  # noqa: E402
+from cnc_core.purify.calibrate import mean_probs  # noqa: E402
 from cnc_core.purify.pipeline import METHOD_COMPRESS_DEFAULTS, PurifyConfig, purify  # noqa: E402
 from cnc_core.purify.proxies import (  # noqa: E402
     TriggerInversionResult,
@@ -96,34 +96,21 @@ def _prior_variants(
     student: Any, original: Any, synth: Any, det: dict, xc: Any, yc: Any, sets: dict, args: Any
 ) -> dict[str, Any]:
     """The same student under the correction's variants (bench/prior_variants.py: without
-    it, the session 23 rule, capped shifts) and corrected against the original model
-    instead of the reference the run used (session 22, explore-purify.md 4aa)."""
+    it, the session 23 rule, capped shifts) and, where the run matched the cleaned teacher,
+    corrected against the original model instead (session 22, explore-purify.md 4aa)."""
     rec = det["prior_correction"]
-    out = prior_variants(
-        student, synth, rec, lambda m: _scores(m, xc, yc, sets, args.eval_n), iterations=10
-    )
-    if rec["reference"] != "cleaned":
-        return out
-    head = classifier(student, 10)
-    assert head is not None
-    as_run = head.bias.detach().clone()
-    with torch.no_grad():
-        head.bias.sub_(torch.tensor(rec["shift"]))
-    found = match_class_prior(
+    variants: dict[str, Variant | None] = dict(VARIANTS)
+    if rec["reference"] == "cleaned":
+        cap = rec.get("max_shift", 3.0)
+        variants["original"] = Variant(cap, True, mean_probs(original, synth))
+    return prior_variants(
         student,
-        original,
         synth,
-        num_classes=10,
+        rec,
+        lambda m: _scores(m, xc, yc, sets, args.eval_n),
         iterations=10,
-        max_shift=rec.get("max_shift", 3.0),
-        avoided_below=rec.get("avoided_below"),
-        spared=rec.get("spared", []),
+        variants=variants,
     )
-    assert found is not None
-    out["original"] = {**_scores(student, xc, yc, sets, args.eval_n), "shift": found.shift}
-    with torch.no_grad():
-        head.bias.copy_(as_run)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,20 +9,30 @@ same student, images and reference distribution (the run's record).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from cnc_core.purify.calibrate import classifier, shift_to_prior
 
-# name -> (max_shift, whether the run's named target classes are spared); None: uncorrected
-VARIANTS: dict[str, tuple[float, bool] | None] = {
+
+class Variant(NamedTuple):
+    """One correction: its cap, whether the run's named target classes are spared, and the
+    class distribution to match (None: the run's reference, from its record)."""
+
+    max_shift: float
+    spare: bool
+    reference: torch.Tensor | None = None
+
+
+# name -> the correction redone; None: uncorrected
+VARIANTS: dict[str, Variant | None] = {
     "uncorrected": None,
-    "s23 rule (nothing spared, cap 3)": (3.0, False),
-    "spared, cap 1.5": (1.5, True),
-    "spared, cap 1": (1.0, True),
+    "s23 rule (nothing spared, cap 3)": Variant(3.0, False),
+    "spared, cap 1.5": Variant(1.5, True),
+    "spared, cap 1": Variant(1.0, True),
 }
 
 
@@ -33,32 +43,32 @@ def prior_variants(
     score: Callable[[nn.Module], dict[str, Any]],
     *,
     iterations: int,
+    variants: Mapping[str, Variant | None] = VARIANTS,
 ) -> dict[str, dict[str, Any]]:
-    """``score(student)`` under each of :data:`VARIANTS`, given the run's
+    """``score(student)`` under each of ``variants``, given the run's
     ``detection["prior_correction"]`` record; the student's biases are restored after."""
     num_classes = len(record["shift"])
     head = classifier(student, num_classes)
     assert head is not None and head.bias is not None
     as_run = head.bias.detach().clone()
     uncorrected = as_run - torch.tensor(record["shift"]).to(as_run)
-    reference = torch.tensor(record["teacher"])
     out: dict[str, dict[str, Any]] = {}
     try:
-        for name, variant in VARIANTS.items():
+        for name, variant in variants.items():
             with torch.no_grad():
                 head.bias.copy_(uncorrected)
             shift = None
             if variant is not None:
-                max_shift, spare = variant
+                reference = variant.reference
                 rec = shift_to_prior(
                     student,
                     images,
-                    reference,
+                    torch.tensor(record["teacher"]) if reference is None else reference,
                     num_classes=num_classes,
                     iterations=iterations,
-                    max_shift=max_shift,
+                    max_shift=variant.max_shift,
                     avoided_below=record.get("avoided_below"),
-                    spared=record.get("spared", []) if spare else [],
+                    spared=record.get("spared", []) if variant.spare else [],
                 )
                 shift = rec.shift if rec is not None else None
             out[name] = {**score(student), "shift": shift}

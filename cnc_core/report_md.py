@@ -385,14 +385,14 @@ def _warp_lines(record: dict[str, Any] | None) -> list[str]:
         "cleaning": "it drove the teacher cleaning",
         "both": "it drove the teacher cleaning and was stamped in unlearning",
     }
-    if record["used"]:
+    if record["used"] and record.get("cleaning"):  # "both": stamped, the cleaning not driven
+        verdict = f"{uses['finetune']}; the cleaning was {record['cleaning']}"
+    elif record["used"]:
         verdict = uses[record.get("use", "finetune")]
     elif record.get("cleaning"):
         verdict = f"not used; the cleaning was {record['cleaning']}"
     else:
         verdict = "not used (it reached too few images)"
-    if record["used"] and record.get("cleaning"):  # "both", stamped only
-        verdict = f"{uses['finetune']}; the cleaning was {record['cleaning']}"
     return [
         f"{name}: a smooth warp of at most {record['max_shift']:g} pixel sends "
         f"{_pct(record['reach'])} of the synthetic images of other classes to class "

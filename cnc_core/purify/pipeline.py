@@ -1582,18 +1582,19 @@ def _add_warp_trigger(
         teacher, clean, config.warp, mean=mean, std=std, generator=gen, progress=progress
     )
     reach = found.success[found.suspected]
+    passed = reach >= config.warp_min_reach
     record = {
         "suspected_target": found.suspected,
         "reach": reach,
         "success": found.success,
         "anomaly_index": found.anomaly_index,
         "max_shift": config.warp.max_shift,
-        "used": reach >= config.warp_min_reach,
+        "passed": passed,  # the gate, whether or not the warp is then used
+        "used": passed,
     }
     # a reused ProxySet (the next ratio's run) carries no warp of an earlier run's config
     out = dataclasses.replace(proxies, warp_record=record, cleaning_warp=None, warp_field=None)
-    record["passed"] = record["used"]  # the gate, whether or not the warp is then used
-    if not record["used"]:
+    if not passed:
         return out
     record["use"] = config.warp_use
     field_ = found.fields[found.suspected]
@@ -1626,7 +1627,7 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     if inv is not None and inv.anomaly_index >= min_anomaly:
         named.add(int(inv.suspected_target))
     warp = proxies.warp_record or {}
-    if warp.get("passed", warp.get("used")):
+    if warp.get("passed"):
         named.add(int(warp["suspected_target"]))
     return sorted(named)
 
