@@ -144,6 +144,7 @@ DYNAMIC = DynamicInversionConfig()
 #: The warp search's settings (``warp=true`` switches it on with these).
 WARP = WarpInversionConfig()
 WARP_USES = ("finetune", "cleaning", "both")  # PurifyConfig.warp_use
+MISNAMED_INVERTED = ("keep", "drop", "warp")  # PurifyConfig.misnamed_inverted
 PRIOR_REFERENCES = ("cleaned", "original")  # PurifyConfig.prior_reference
 #: The preset's permutation search: six learned-mask restarts of 6 images per class a step
 #: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
@@ -332,6 +333,12 @@ class PurifyConfig:
     # channel and was undone; without the warp the inverted round held, 16 channels,
     # explore-purify.md 4ab), and under "cleaning" the warp is then not used.
     warp_cleaning_other_class: bool = False
+    # Neural Cleanse's inverted trigger where a warp past its gate names another class and
+    # drives the cleaning (its class then a natural one, misnamed): "keep" (unlearnt, its
+    # images in the stamped BN statistics, as before), "drop" (left out of every stamp; the
+    # warp takes its place only where no all-to-all trigger remains to unlearn) or "warp"
+    # (the warp takes its place).
+    misnamed_inverted: str = "keep"
     # Class-prior correction after fine-tuning (:mod:`.calibrate`): this many fixed-point
     # steps shift the student's classifier biases until its mean predicted class
     # distribution on the clean synthetic images matches the reference teacher's
@@ -652,6 +659,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_cleaning_u": ("warp_cleaning_u",),
     "warp_beside_all_to_all": ("warp_beside_all_to_all",),
     "warp_cleaning_other_class": ("warp_cleaning_other_class",),
+    "misnamed_inverted": ("misnamed_inverted",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
@@ -675,6 +683,7 @@ KNOB_CHOICES: dict[str, tuple[str, ...]] = {
     "permutation_patch_batch": STAMPED_BATCHES,
     "warp_batch": STAMPED_BATCHES,
     "warp_use": WARP_USES,
+    "misnamed_inverted": MISNAMED_INVERTED,
     "prior_reference": PRIOR_REFERENCES,
     "sensitivity_action": SENSITIVITY_ACTIONS,
     "blend_proxy": BLEND_PROXIES,
@@ -869,6 +878,11 @@ def purify(
         )
     if config.warp_use not in WARP_USES:
         raise ValueError(f"warp_use must be one of {WARP_USES}, not {config.warp_use!r}")
+    if config.misnamed_inverted not in MISNAMED_INVERTED:
+        raise ValueError(
+            f"misnamed_inverted must be one of {MISNAMED_INVERTED}, "
+            f"not {config.misnamed_inverted!r}"
+        )
     for name in ("permutation_blend_batch", "permutation_patch_batch"):
         if getattr(config, name) not in (None, *STAMPED_BATCHES):
             raise ValueError(
@@ -1593,7 +1607,9 @@ def _add_warp_trigger(
         "used": passed,
     }
     # a reused ProxySet (the next ratio's run) carries no warp of an earlier run's config
-    out = dataclasses.replace(proxies, warp_record=record, cleaning_warp=None, warp_field=None)
+    out = dataclasses.replace(
+        proxies, warp_record=record, cleaning_warp=None, warp_field=None, inverted_dropped=False
+    )
     if not passed:
         return out
     record["use"] = config.warp_use
@@ -1607,6 +1623,22 @@ def _add_warp_trigger(
             )
         else:
             out.cleaning_warp = field_
+    misnamed = out.cleaning_warp is not None and found.suspected != named
+    if misnamed and config.misnamed_inverted != "keep":
+        # Neural Cleanse's class is a natural one: unlearning its trigger teaches the
+        # student to avoid that class
+        out.inverted_dropped = True
+        others = out.extra_triggers is not None or out.dynamic_generator is not None
+        stamped = config.misnamed_inverted == "warp" or not others
+        record["inverted"] = (
+            f"Neural Cleanse's trigger (class {named}) left out of the stamps"
+            + (", the warp unlearnt in its place" if stamped else "")
+            + " (misnamed_inverted)"
+        )
+        if stamped:
+            out.warp_field = field_
+        record["used"] = True
+        return _restamped(out, clean, config, mean, std, seed_offset=971)
     if config.warp_use == "cleaning":
         record["used"] = out.cleaning_warp is not None
         return out
@@ -1733,13 +1765,14 @@ def _with_dynamic(
     proxies: ProxySet,
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
-) -> StampFn:
+) -> StampFn | None:
     """A stamp putting one of the triggers ``masks``, ``patterns`` on each image, or, where
-    the proxies carry a dynamic trigger generator, one of the two families at random."""
+    the proxies carry a dynamic trigger generator, one of the two families at random; None
+    where there is neither (Neural Cleanse's trigger dropped, nothing else found)."""
     stamps = [trigger_stamp(masks, patterns, mean=mean, std=std)] if masks.shape[0] else []
     if proxies.dynamic_generator is not None:
         stamps.append(dynamic_stamp(proxies.dynamic_generator, mean=mean, std=std))
-    return mixed_stamp(stamps)
+    return mixed_stamp(stamps) if stamps else None
 
 
 def _with_warp(
@@ -1786,7 +1819,7 @@ def _stamped_triggers(config: PurifyConfig, proxies: ProxySet) -> tuple[Tensor, 
     idx = torch.tensor(
         chosen_triggers(inv, config.proxy.inversion.use, config.proxy.inversion.anomaly_threshold)
     )
-    if _all_to_all_only(config, proxies):
+    if _all_to_all_only(config, proxies) or proxies.inverted_dropped:
         idx = idx[:0]
     masks, patterns = inv.masks[idx], inv.patterns[idx]
     if proxies.extra_triggers is not None:
@@ -1862,6 +1895,7 @@ def _stamp_refresher(
         masks.append(inv.masks)
         patterns.append(inv.patterns)
         stamp = _with_dynamic(torch.cat(masks), torch.cat(patterns), first, mean, std)
+        assert stamp is not None  # the re-inverted trigger is among them
         return mixed_stamp([stamp, blend]) if blend is not None else stamp
 
     return refresh

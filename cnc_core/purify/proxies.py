@@ -160,6 +160,9 @@ class ProxySet:
     # A warp that drives the teacher cleaning in place of the inverted trigger
     # (``PurifyConfig.warp_use``); its class is ``warp_record["suspected_target"]``
     cleaning_warp: Tensor | None = None
+    # Neural Cleanse's inverted trigger is left out of the stamps: a warp past its gate named
+    # another class (``PurifyConfig.misnamed_inverted``)
+    inverted_dropped: bool = False
 
 
 def _reporter(progress: ProgressFn | None, stage: str) -> Callable[[float], None]:

@@ -764,6 +764,40 @@ def test_warp_drives_the_cleaning_only_where_it_names_another_class() -> None:
     assert "stamped beside the inverted trigger in unlearning; the cleaning was not" in text
 
 
+def test_misnamed_inverted_trigger_left_out_of_the_stamps() -> None:
+    """``misnamed_inverted``: where the warp names another class than Neural Cleanse and
+    drives the cleaning, "drop" and "warp" leave Neural Cleanse's trigger out of every stamp
+    (the warp in its place, "drop" only where nothing else is found); "keep" stamps it; where
+    both name one class nothing changes; an unknown choice is refused."""
+    from cnc_core.purify.pipeline import _stamp_of, _stamped_triggers
+    from cnc_core.purify.warp import warp_stamp
+
+    first, _ = _warp_proxies(None)
+    assert first.warp_record is not None
+    warp_class = int(first.warp_record["suspected_target"])
+    other = (warp_class + 1) % 4
+    kept, config = _warp_proxies(other)
+    assert not kept.inverted_dropped and kept.warp_field is None
+    assert _stamped_triggers(config, kept)[0].shape[0] == 1  # Neural Cleanse's trigger
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    for choice in ("drop", "warp"):
+        dropped, cfg = _warp_proxies(other, misnamed_inverted=choice)
+        assert dropped.inverted_dropped and dropped.cleaning_warp is not None
+        assert _stamped_triggers(cfg, dropped)[0].shape[0] == 0
+        # nothing but the warp was found: it is what is stamped, in both choices
+        assert dropped.warp_field is not None and dropped.warp_record is not None
+        assert "left out of the stamps, the warp unlearnt" in dropped.warp_record["inverted"]
+        stamp = _stamp_of(cfg, dropped, 0.5, 0.25)
+        assert stamp is not None
+        only_warp = warp_stamp(dropped.warp_field, mean=0.5, std=0.25)
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        assert torch.allclose(stamp(images, g1), only_warp(images, g2))
+    same, cfg = _warp_proxies(warp_class, misnamed_inverted="drop")
+    assert not same.inverted_dropped and _stamped_triggers(cfg, same)[0].shape[0] == 1
+    with pytest.raises(ValueError, match="misnamed_inverted"):
+        purify(_model(), _config("cnc", misnamed_inverted="sometimes"), input_shape=(3, 16, 16))
+
+
 def test_named_targets_spared_by_the_prior_correction() -> None:
     """``prior_spare_named``: Neural Cleanse's class at or above the anomaly bar, and a warp
     in use, are the named targets; the preset spares them in the correction."""
