@@ -393,6 +393,8 @@ def _warp_lines(record: dict[str, Any] | None) -> list[str]:
         verdict = f"not used; the cleaning was {record['cleaning']}"
     else:
         verdict = "not used (it reached too few images)"
+    if record.get("inverted"):  # PurifyConfig.misnamed_inverted
+        verdict += f"; {record['inverted']}"
     return [
         f"{name}: a smooth warp of at most {record['max_shift']:g} pixel sends "
         f"{_pct(record['reach'])} of the synthetic images of other classes to class "

@@ -136,3 +136,63 @@ def shift_to_prior(
         student_after=[round(v, 4) for v in current.tolist()],
         spared=spared,
     )
+
+
+@torch.no_grad()
+def features_and_logits(
+    model: nn.Module, head: nn.Linear, images: Tensor, batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """``model``'s inputs to ``head`` (its penultimate features) and its logits on
+    ``images``, in eval mode, on the CPU."""
+    feats: list[Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat([model(b).float().cpu() for b in images.split(batch_size)])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(feats).float(), logits
+
+
+@torch.no_grad()
+def refit_head_rows(
+    student: nn.Module,
+    reference: nn.Module,
+    images: Tensor,
+    *,
+    num_classes: int,
+    classes: Sequence[int],
+    ridge: float = 0.1,
+) -> list[float]:
+    """Refit the classifier rows of ``classes`` (weights and bias, in place) so that the
+    student's logits of those classes on ``images`` follow ``reference``'s, by ridge
+    regression on the student's penultimate features, pulled toward the current rows.
+
+    Distillation matches logits up to a constant per image, so the reference's logits are
+    aligned by the mean logit of the other classes. ``ridge`` is relative to the mean
+    squared feature. Returns the relative change of each refit row's weights."""
+    head = classifier(student, num_classes)
+    ref_head = classifier(reference, num_classes)
+    chosen = sorted({int(c) for c in classes if 0 <= int(c) < num_classes})
+    if head is None or ref_head is None or not chosen:
+        return []
+    feats, s_logits = features_and_logits(student, head, images)
+    _, t_logits = features_and_logits(reference, ref_head, images)
+    others = [k for k in range(num_classes) if k not in chosen]
+    align = (s_logits[:, others].mean(1) - t_logits[:, others].mean(1)) if others else 0.0
+    x = torch.cat([feats, torch.ones(feats.shape[0], 1)], dim=1).double()
+    gram = x.T @ x
+    lam = ridge * float(gram.diagonal()[:-1].mean())
+    reg = lam * torch.eye(x.shape[1], dtype=x.dtype)
+    reg[-1, -1] = 0.0  # the bias is free
+    changes = []
+    for c in chosen:
+        old = torch.cat([head.weight[c], head.bias[c : c + 1]]).double().cpu()
+        target = (t_logits[:, c] + align).double()
+        new = torch.linalg.solve(gram + reg, x.T @ target + reg @ old)
+        head.weight[c].copy_(new[:-1].to(head.weight))
+        head.bias[c] = new[-1].to(head.bias)
+        changes.append(round(float((new - old)[:-1].norm() / old[:-1].norm().clamp_min(1e-12)), 4))
+    return changes

@@ -1109,7 +1109,10 @@ def purify(
         recalibrate_bn(student, clean, batch_size=config.finetune.batch_size)
 
     sens: SensitivityResult | None = None
-    if config.sensitivity is not None:
+    if config.sensitivity is not None and _nothing_to_unlearn(proxies):
+        detection["sensitivity_suppressed"] = 0
+        detection["sensitivity_skipped"] = "no trigger is left to compare responses to"
+    elif config.sensitivity is not None:
         with plan.stage("sensitivity"):
             sens = suppress_sensitive_ranks(
                 student,
@@ -1177,12 +1180,13 @@ def purify(
             refresh = None
             if config.refresh_every > 0:
                 refresh = _refresher(config, clean, proxies, mean, std, num_classes)
+            bare = _nothing_to_unlearn(proxies)
             ft = finetune(
                 student,
                 kd_teacher,
                 ft_images,
-                proxies.images,
-                proxies.labels,
+                None if bare else proxies.images,
+                None if bare else proxies.labels,
                 ft_cfg,
                 progress=plan.nested("finetune"),
                 refresh=refresh,
@@ -1628,22 +1632,35 @@ def _add_warp_trigger(
         # Neural Cleanse's class is a natural one: unlearning its trigger teaches the
         # student to avoid that class
         out.inverted_dropped = True
-        others = out.extra_triggers is not None or out.dynamic_generator is not None
-        stamped = config.misnamed_inverted == "warp" or not others
-        record["inverted"] = (
-            f"Neural Cleanse's trigger (class {named}) left out of the stamps"
-            + (", the warp unlearnt in its place" if stamped else "")
-            + " (misnamed_inverted)"
-        )
-        if stamped:
-            out.warp_field = field_
         record["used"] = True
+        if config.misnamed_inverted == "warp":
+            out.warp_field = field_
+            record["inverted"] = (
+                f"Neural Cleanse's trigger (class {named}) left out of the stamps, the warp "
+                "unlearnt in its place (misnamed_inverted)"
+            )
+        else:
+            record["inverted"] = (
+                f"Neural Cleanse's trigger (class {named}) left out of the stamps "
+                "(misnamed_inverted)"
+                + ("; nothing is left to unlearn" if _nothing_to_unlearn(out) else "")
+            )
+        if _nothing_to_unlearn(out):
+            return out
         return _restamped(out, clean, config, mean, std, seed_offset=971)
     if config.warp_use == "cleaning":
         record["used"] = out.cleaning_warp is not None
         return out
     out.warp_field = field_
     return _restamped(out, clean, config, mean, std, seed_offset=971)
+
+
+def _nothing_to_unlearn(proxies: ProxySet) -> bool:
+    """Whether Neural Cleanse's trigger was dropped (``misnamed_inverted``) and no other
+    trigger is stamped: fine-tuning then distils the cleaned teacher alone, and the rank
+    sensitivity, which compares responses to the proxy images, is skipped."""
+    others = (proxies.extra_triggers, proxies.dynamic_generator, proxies.warp_field)
+    return proxies.inverted_dropped and all(o is None for o in others)
 
 
 def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:

@@ -767,9 +767,10 @@ def test_warp_drives_the_cleaning_only_where_it_names_another_class() -> None:
 def test_misnamed_inverted_trigger_left_out_of_the_stamps() -> None:
     """``misnamed_inverted``: where the warp names another class than Neural Cleanse and
     drives the cleaning, "drop" and "warp" leave Neural Cleanse's trigger out of every stamp
-    (the warp in its place, "drop" only where nothing else is found); "keep" stamps it; where
-    both name one class nothing changes; an unknown choice is refused."""
-    from cnc_core.purify.pipeline import _stamp_of, _stamped_triggers
+    ("warp" stamps the warp in its place; "drop" with nothing else found leaves fine-tuning
+    nothing to unlearn); "keep" stamps it; where both name one class nothing changes; an
+    unknown choice is refused."""
+    from cnc_core.purify.pipeline import _nothing_to_unlearn, _stamp_of, _stamped_triggers
     from cnc_core.purify.warp import warp_stamp
 
     first, _ = _warp_proxies(None)
@@ -780,22 +781,72 @@ def test_misnamed_inverted_trigger_left_out_of_the_stamps() -> None:
     assert not kept.inverted_dropped and kept.warp_field is None
     assert _stamped_triggers(config, kept)[0].shape[0] == 1  # Neural Cleanse's trigger
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    for choice in ("drop", "warp"):
-        dropped, cfg = _warp_proxies(other, misnamed_inverted=choice)
-        assert dropped.inverted_dropped and dropped.cleaning_warp is not None
-        assert _stamped_triggers(cfg, dropped)[0].shape[0] == 0
-        # nothing but the warp was found: it is what is stamped, in both choices
-        assert dropped.warp_field is not None and dropped.warp_record is not None
-        assert "left out of the stamps, the warp unlearnt" in dropped.warp_record["inverted"]
-        stamp = _stamp_of(cfg, dropped, 0.5, 0.25)
-        assert stamp is not None
-        only_warp = warp_stamp(dropped.warp_field, mean=0.5, std=0.25)
-        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-        assert torch.allclose(stamp(images, g1), only_warp(images, g2))
+    warped, cfg = _warp_proxies(other, misnamed_inverted="warp")
+    assert warped.inverted_dropped and warped.cleaning_warp is not None
+    assert _stamped_triggers(cfg, warped)[0].shape[0] == 0 and warped.warp_field is not None
+    assert warped.warp_record is not None and "warp unlearnt" in warped.warp_record["inverted"]
+    stamp = _stamp_of(cfg, warped, 0.5, 0.25)
+    assert stamp is not None
+    only_warp = warp_stamp(warped.warp_field, mean=0.5, std=0.25)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.allclose(stamp(images, g1), only_warp(images, g2))
+    dropped, cfg = _warp_proxies(other, misnamed_inverted="drop")
+    assert dropped.inverted_dropped and dropped.warp_field is None
+    assert _nothing_to_unlearn(dropped) and not _nothing_to_unlearn(warped)
+    assert dropped.warp_record is not None
+    assert "nothing is left to unlearn" in dropped.warp_record["inverted"]
+    text = render_report({"detection": {"warp_inversion": dropped.warp_record}})
+    assert "it drove the teacher cleaning; Neural Cleanse's trigger (class" in text
     same, cfg = _warp_proxies(warp_class, misnamed_inverted="drop")
     assert not same.inverted_dropped and _stamped_triggers(cfg, same)[0].shape[0] == 1
     with pytest.raises(ValueError, match="misnamed_inverted"):
         purify(_model(), _config("cnc", misnamed_inverted="sometimes"), input_shape=(3, 16, 16))
+
+
+def test_dropped_misnamed_trigger_leaves_fine_tuning_bare() -> None:
+    """A whole run with ``misnamed_inverted=drop`` where the warp names another class than
+    Neural Cleanse and nothing else is found: the rank sensitivity is skipped and the
+    student differs from the one that unlearns Neural Cleanse's trigger ("keep")."""
+    from cnc_core.purify.proxies import make_proxies
+
+    model = _model()
+    x = torch.rand(8, 3, 16, 16)
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    first, _ = _warp_proxies(None)
+    assert first.warp_record is not None
+    other = (int(first.warp_record["suspected_target"]) + 1) % 4
+    knobs = dict(
+        warp_steps=3,
+        warp_min_reach=0.0,
+        permutation=False,
+        dynamic=False,
+        permutation_max_anomaly=None,
+        cleaning_min_agreement=0.0,
+        cleaning_max_flip=None,
+        target_images=0,
+    )
+    runs = {}
+    for choice in ("keep", "drop"):
+        config = _config("cnc", misnamed_inverted=choice, **knobs)
+        proxies = make_proxies(model, images, config.proxy, num_classes=4, mean=0.5, std=0.25)
+        assert proxies.inversion is not None
+        inversion = dataclasses.replace(proxies.inversion, suspected_target=other)
+        proxies = dataclasses.replace(proxies, inversion=inversion)
+        runs[choice] = purify(
+            model,
+            config,
+            mean=0.5,
+            std=0.25,
+            input_shape=(3, 16, 16),
+            synthetic=images,
+            proxies=proxies,
+        )
+    keep, drop = runs["keep"], runs["drop"]
+    assert drop.detection["teacher_cleaning"]["trigger"] == "warp"
+    assert "nothing is left to unlearn" in drop.detection["warp_inversion"]["inverted"]
+    assert "sensitivity_skipped" in drop.detection and "sensitivity" not in drop.timings
+    assert "sensitivity_skipped" not in keep.detection
+    assert not torch.allclose(keep.model(x), drop.model(x), atol=1e-6)
 
 
 def test_named_targets_spared_by_the_prior_correction() -> None:
