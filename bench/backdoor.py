@@ -137,13 +137,14 @@ def evaluate_model(
             "best_epoch": result.finetune.best_epoch if result.finetune else None,
         }
         prior = result.detection.get("prior_correction", {})
-        if "shift" in prior and synthetic is not None:
+        if "shift" in prior and prior.get("refit") is None and synthetic is not None:
             row["prior_variants"] = prior_variants(
                 result.model,
                 synthetic,
                 prior,
                 lambda m: _score(m, sets, device),
                 iterations=cfg.prior_correction,
+                reference_logits=result.prior_reference_logits,
             )
             print(f"[{name}] {label} prior variants: {json.dumps(row['prior_variants'])}")
         rows[label] = row

@@ -93,23 +93,24 @@ def _scores(net: Any, xc: Any, yc: Any, sets: dict[str, Any], n: int) -> dict[st
 
 
 def _prior_variants(
-    student: Any, original: Any, synth: Any, det: dict, xc: Any, yc: Any, sets: dict, args: Any
+    res: Any, original: Any, synth: Any, xc: Any, yc: Any, sets: dict, args: Any
 ) -> dict[str, Any]:
     """The same student under the correction's variants (bench/prior_variants.py: without
     it, the session 23 rule, capped shifts) and, where the run matched the cleaned teacher,
     corrected against the original model instead (session 22, explore-purify.md 4aa)."""
-    rec = det["prior_correction"]
+    rec = res.detection["prior_correction"]
     variants: dict[str, Variant | None] = dict(VARIANTS)
     if rec["reference"] == "cleaned":
         cap = rec.get("max_shift", 3.0)
         variants["original"] = Variant(cap, True, mean_probs(original, synth))
     return prior_variants(
-        student,
+        res.model,
         synth,
         rec,
         lambda m: _scores(m, xc, yc, sets, args.eval_n),
         iterations=10,
         variants=variants,
+        reference_logits=res.prior_reference_logits,
     )
 
 
@@ -216,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         out["asr_before"] = attack_success_rate(model, xp, yp, **ms)
         out["asr"] = attack_success_rate(res.model, xp, yp, **ms)
     det = res.detection
-    if "shift" in det.get("prior_correction", {}) and synth is not None:
-        out["prior_variants"] = _prior_variants(res.model, model, synth, det, xc, yc, sets, args)
+    rec = det.get("prior_correction", {})
+    if "shift" in rec and rec.get("refit") is None and synth is not None:
+        out["prior_variants"] = _prior_variants(res, model, synth, xc, yc, sets, args)
     out["suspected_target"] = res.suspected_target
     if "trigger_inversion" in det:
         out["anomaly_index"] = round(det["trigger_inversion"]["anomaly_index"], 2)

@@ -15,16 +15,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cnc_core.purify.calibrate import classifier, shift_to_prior
+from cnc_core.purify.calibrate import classifier, refit_to_prior, shift_to_prior
 
 
 class Variant(NamedTuple):
     """One correction: its cap, whether the run's named target classes are spared, and the
-    class distribution to match (None: the run's reference, from its record)."""
+    class distribution to match (None: the run's reference, from its record); with
+    ``head_ridge``, the chosen classes' classifier rows refit to the run's reference logits
+    at that ridge (calibrate.refit_to_prior) in place of the capped bias shift."""
 
     max_shift: float
     spare: bool
     reference: torch.Tensor | None = None
+    head_ridge: float | None = None
 
 
 # name -> the correction redone; None: uncorrected
@@ -33,6 +36,7 @@ VARIANTS: dict[str, Variant | None] = {
     "s23 rule (nothing spared, cap 3)": Variant(3.0, False),
     "spared, cap 1.5": Variant(1.5, True),
     "spared, cap 1": Variant(1.0, True),
+    "spared, rows refit (ridge 0.1)": Variant(0.0, True, head_ridge=0.1),
 }
 
 
@@ -44,21 +48,44 @@ def prior_variants(
     *,
     iterations: int,
     variants: Mapping[str, Variant | None] = VARIANTS,
+    reference_logits: torch.Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``score(student)`` under each of ``variants``, given the run's
-    ``detection["prior_correction"]`` record; the student's biases are restored after."""
+    ``detection["prior_correction"]`` record (of a bias shift: a run that refit rows cannot
+    be undone from its record) and, for the row refits, the run's reference logits
+    (``PurifyResult.prior_reference_logits``; without them those variants are left out);
+    the student's classifier is restored after."""
+    if record.get("refit") is not None:
+        raise ValueError("the run refit classifier rows: its variants cannot be redone")
     num_classes = len(record["shift"])
     head = classifier(student, num_classes)
     assert head is not None and head.bias is not None
     as_run = head.bias.detach().clone()
+    weight = head.weight.detach().clone()
     uncorrected = as_run - torch.tensor(record["shift"]).to(as_run)
     out: dict[str, dict[str, Any]] = {}
     try:
         for name, variant in variants.items():
             with torch.no_grad():
                 head.bias.copy_(uncorrected)
-            shift = None
-            if variant is not None:
+                head.weight.copy_(weight)
+            shift: list[float] | None = None
+            extra: dict[str, Any] = {}
+            if variant is not None and variant.head_ridge is not None:
+                if reference_logits is None:
+                    continue
+                rec = refit_to_prior(
+                    student,
+                    images,
+                    reference_logits,
+                    num_classes=num_classes,
+                    ridge=variant.head_ridge,
+                    avoided_below=record.get("avoided_below"),
+                    spared=record.get("spared", []) if variant.spare else [],
+                )
+                shift = rec.shift if rec is not None else None
+                extra = {"refit": rec.refit if rec is not None else None}
+            elif variant is not None:
                 reference = variant.reference
                 rec = shift_to_prior(
                     student,
@@ -71,8 +98,9 @@ def prior_variants(
                     spared=record.get("spared", []) if variant.spare else [],
                 )
                 shift = rec.shift if rec is not None else None
-            out[name] = {**score(student), "shift": shift}
+            out[name] = {**score(student), "shift": shift, **extra}
     finally:
         with torch.no_grad():
             head.bias.copy_(as_run)
+            head.weight.copy_(weight)
     return out

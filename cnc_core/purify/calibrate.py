@@ -36,6 +36,9 @@ class PriorCorrection:
     student_before: list[float]
     student_after: list[float]
     spared: list[int] = field(default_factory=list)
+    # the relative weight change of each corrected class's refit classifier row, where the
+    # rows were refit (:func:`refit_to_prior`) rather than their biases shifted
+    refit: list[float] | None = None
 
 
 def classifier(model: nn.Module, num_classes: int) -> nn.Linear | None:
@@ -114,12 +117,7 @@ def shift_to_prior(
         return None
     reference = reference.detach().float().cpu().clamp_min(1e-6)
     before = mean_probs(student, images)
-    if avoided_below is None:
-        chosen = torch.ones(num_classes, dtype=torch.bool)
-    else:
-        chosen = before < avoided_below * reference
-    spared = sorted({int(c) for c in spared if 0 <= int(c) < num_classes})
-    chosen[spared] = False
+    chosen, spared = _chosen(before, reference, avoided_below, spared)
     start = head.bias.detach().clone()
     current = before
     for _ in range(iterations if bool(chosen.any()) else 0):
@@ -135,6 +133,72 @@ def shift_to_prior(
         student_before=[round(v, 4) for v in before.tolist()],
         student_after=[round(v, 4) for v in current.tolist()],
         spared=spared,
+    )
+
+
+def _chosen(
+    before: Tensor, reference: Tensor, avoided_below: float | None, spared: Sequence[int]
+) -> tuple[Tensor, list[int]]:
+    """The classes to correct (a boolean mask): those the student gives under
+    ``avoided_below`` of the reference's share (every class where None), less ``spared``
+    (returned sorted, in range)."""
+    num_classes = before.shape[0]
+    if avoided_below is None:
+        chosen = torch.ones(num_classes, dtype=torch.bool)
+    else:
+        chosen = before < avoided_below * reference
+    spared = sorted({int(c) for c in spared if 0 <= int(c) < num_classes})
+    chosen[spared] = False
+    return chosen, spared
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """``model``'s logits on ``images``, in eval mode, on the CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(b).float().cpu() for b in images.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def refit_to_prior(
+    student: nn.Module,
+    images: Tensor,
+    reference_logits: Tensor,
+    *,
+    num_classes: int,
+    ridge: float = 0.1,
+    avoided_below: float | None = None,
+    spared: Sequence[int] = (),
+) -> PriorCorrection | None:
+    """The classes :func:`shift_to_prior` would shift, corrected instead by refitting their
+    classifier rows to the reference teacher's logits (:func:`refit_head_rows`): the
+    removal leaves the avoided class in the student's features (a clean model's class 6:
+    a linear probe on them recalls 73% of it, against 7% through the purified head), so a
+    new row recovers more of it than a bias alone (bench/results/explore-purify.md 4ad).
+    ``shift`` records the rows' bias change."""
+    head = classifier(student, num_classes)
+    if head is None:
+        return None
+    reference = F.softmax(reference_logits.float(), dim=1).mean(0).clamp_min(1e-6)
+    before = mean_probs(student, images)
+    chosen, spared = _chosen(before, reference, avoided_below, spared)
+    classes = [c for c in range(num_classes) if bool(chosen[c])]
+    start = head.bias.detach().clone()
+    changes = refit_head_rows(
+        student, reference_logits, images, num_classes=num_classes, classes=classes, ridge=ridge
+    )
+    return PriorCorrection(
+        corrected=classes,
+        shift=[round(v, 4) for v in (head.bias - start).tolist()],
+        teacher=[round(v, 4) for v in reference.tolist()],
+        student_before=[round(v, 4) for v in before.tolist()],
+        student_after=[round(v, 4) for v in mean_probs(student, images).tolist()],
+        spared=spared,
+        refit=changes,
     )
 
 
@@ -159,7 +223,7 @@ def features_and_logits(
 @torch.no_grad()
 def refit_head_rows(
     student: nn.Module,
-    reference: nn.Module,
+    reference_logits: Tensor,
     images: Tensor,
     *,
     num_classes: int,
@@ -167,21 +231,24 @@ def refit_head_rows(
     ridge: float = 0.1,
 ) -> list[float]:
     """Refit the classifier rows of ``classes`` (weights and bias, in place) so that the
-    student's logits of those classes on ``images`` follow ``reference``'s, by ridge
-    regression on the student's penultimate features, pulled toward the current rows.
+    student's logits of those classes on ``images`` follow ``reference_logits`` (a
+    teacher's, one row per image), by ridge regression on the student's penultimate
+    features, pulled toward the current rows.
 
     Distillation matches logits up to a constant per image, so the reference's logits are
-    aligned by the mean logit of the other classes. ``ridge`` is relative to the mean
-    squared feature. Returns the relative change of each refit row's weights."""
+    aligned by the median difference of the other classes' logits. ``ridge`` is relative to
+    the mean squared feature. Returns the relative change of each refit row's weights."""
     head = classifier(student, num_classes)
-    ref_head = classifier(reference, num_classes)
     chosen = sorted({int(c) for c in classes if 0 <= int(c) < num_classes})
-    if head is None or ref_head is None or not chosen:
+    if head is None or not chosen:
         return []
     feats, s_logits = features_and_logits(student, head, images)
-    _, t_logits = features_and_logits(reference, ref_head, images)
+    t_logits = reference_logits.float().cpu()
     others = [k for k in range(num_classes) if k not in chosen]
-    align = (s_logits[:, others].mean(1) - t_logits[:, others].mean(1)) if others else 0.0
+    # the median over the other classes: a spared class the student also avoids (the
+    # named target) must not pull the offset
+    diff = s_logits[:, others] - t_logits[:, others]
+    align = diff.median(dim=1).values if others else torch.zeros(feats.shape[0])
     x = torch.cat([feats, torch.ones(feats.shape[0], 1)], dim=1).double()
     gram = x.T @ x
     lam = ridge * float(gram.diagonal()[:-1].mean())

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.limits import check_knob
 from cnc_core.progress import ProgressFn, StagePlan
-from cnc_core.purify.calibrate import match_class_prior
+from cnc_core.purify.calibrate import logits_of, match_class_prior, refit_to_prior
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
 from cnc_core.purify.dynamic import (
     DynamicInversionConfig,
@@ -346,6 +346,11 @@ class PurifyConfig:
     # ``prior_max_shift`` logits. 0: off. The removal makes the student avoid the suspected
     # target class, on a clean model a natural class (explore-purify.md 4aa).
     prior_correction: int = 0
+    # Where set, the avoided classes' classifier rows are refit to the reference teacher's
+    # logits on the synthetic images (ridge regression at this relative strength, toward
+    # the current rows) in place of the bias shift (calibrate.refit_to_prior); the other
+    # prior_* settings choose the classes as for the shift. None: the bias shift.
+    prior_head_ridge: float | None = None
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
     # Shift only the classes the student avoids: given less than this fraction of the
@@ -660,6 +665,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_beside_all_to_all": ("warp_beside_all_to_all",),
     "warp_cleaning_other_class": ("warp_cleaning_other_class",),
     "misnamed_inverted": ("misnamed_inverted",),
+    "prior_head_ridge": ("prior_head_ridge",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
@@ -751,6 +757,9 @@ class PurifyResult:
     sensitivity: SensitivityResult | None = None
     clp: CLPResult | None = None
     proxies: ProxySet | None = None
+    # The class-prior correction's reference teacher's logits on the synthetic images (the
+    # correction redone from them by bench/prior_variants.py); not in any report
+    prior_reference_logits: Tensor | None = None
 
 
 def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
@@ -1200,19 +1209,33 @@ def purify(
             else detection["finetune_selection"]
             + f" (it scored above the average of the last {ft.averaged_epochs} epochs)"
         )
+    reference_logits = None
     if config.prior_correction > 0:
         with plan.stage("prior"):
             reference = kd_teacher if config.prior_reference == "cleaned" else teacher
-            corrected = match_class_prior(
-                student,
-                reference,
-                clean,
-                num_classes=num_classes,
-                iterations=config.prior_correction,
-                max_shift=config.prior_max_shift,
-                avoided_below=config.prior_avoided_below,
-                spared=named_targets(config.prior_spare_named, proxies),
-            )
+            reference_logits = logits_of(reference, clean)
+            spared = named_targets(config.prior_spare_named, proxies)
+            if config.prior_head_ridge is not None:
+                corrected = refit_to_prior(
+                    student,
+                    clean,
+                    reference_logits,
+                    num_classes=num_classes,
+                    ridge=config.prior_head_ridge,
+                    avoided_below=config.prior_avoided_below,
+                    spared=spared,
+                )
+            else:
+                corrected = match_class_prior(
+                    student,
+                    reference,
+                    clean,
+                    num_classes=num_classes,
+                    iterations=config.prior_correction,
+                    max_shift=config.prior_max_shift,
+                    avoided_below=config.prior_avoided_below,
+                    spared=spared,
+                )
             detection["prior_correction"] = (
                 {
                     **dataclasses.asdict(corrected),
@@ -1220,6 +1243,7 @@ def purify(
                     "avoided_below": config.prior_avoided_below,
                     "spare_named": config.prior_spare_named,
                     "max_shift": config.prior_max_shift,
+                    "head_ridge": config.prior_head_ridge,
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
@@ -1242,6 +1266,7 @@ def purify(
         finetune=ft,
         sensitivity=sens,
         proxies=proxies,
+        prior_reference_logits=reference_logits,
     )
 
 

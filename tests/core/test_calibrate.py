@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from cnc_core.purify.calibrate import classifier, match_class_prior, mean_probs, shift_to_prior
+from cnc_core.purify.calibrate import (
+    classifier,
+    logits_of,
+    match_class_prior,
+    mean_probs,
+    refit_to_prior,
+    shift_to_prior,
+)
 
 
 def _net(seed: int) -> nn.Module:
@@ -125,3 +132,55 @@ def test_bench_prior_variants_redo_the_correction_on_the_same_student() -> None:
     assert seen["spared, cap 1"]["shift"][0] == 0.0
     assert max(seen["spared, cap 1"]["shift"]) == pytest.approx(1.0, abs=1e-4)
     assert torch.equal(student[3].bias, as_run)
+    assert "spared, rows refit (ridge 0.1)" not in seen  # no reference logits given
+    weight = student[3].weight.detach().clone()
+    refit = prior_variants(
+        student,
+        images,
+        record,
+        lambda m: {"bias": float(m[3].bias[2].detach())},
+        iterations=10,
+        reference_logits=logits_of(teacher, images),
+    )
+    row = refit["spared, rows refit (ridge 0.1)"]
+    assert row["refit"] is not None and row["bias"] > float(plain_bias[2]) + 2.0
+    assert torch.equal(student[3].weight, weight) and torch.equal(student[3].bias, as_run)
+    with pytest.raises(ValueError, match="refit"):
+        prior_variants(student, images, {**record, "refit": [0.1]}, lambda m: {}, iterations=1)
+
+
+def test_refit_to_prior_rebuilds_the_avoided_rows_from_the_reference_logits() -> None:
+    """The avoided class's row is refit toward the teacher's logits (a damaged row comes
+    back closer than a bias shift brings it), the spared and the other rows stay, and the
+    class's share moves toward the teacher's."""
+    teacher = _net(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[3].weight[2] *= 0.2  # the class's evidence damaged, not only its bias
+        student[3].bias[2] -= 3.0
+        student[3].bias[0] -= 4.0  # avoided too, but spared
+    images = torch.randn(512, 3, 2, 2, generator=torch.Generator().manual_seed(6))
+    reference = logits_of(teacher, images)
+    shifted = copy.deepcopy(student)
+    shift_to_prior(
+        shifted,
+        images,
+        mean_probs(teacher, images),
+        num_classes=4,
+        max_shift=9,
+        avoided_below=0.6,
+        spared=[0],
+    )
+    rows = student[3].weight.detach().clone()
+    rec = refit_to_prior(
+        student, images, reference, num_classes=4, avoided_below=0.6, spared=[0], ridge=0.01
+    )
+    assert rec is not None and rec.corrected == [2] and rec.spared == [0]
+    assert rec.refit is not None and len(rec.refit) == 1 and rec.refit[0] > 0.5
+    assert torch.equal(student[3].weight[[0, 1, 3]], rows[[0, 1, 3]])
+    assert rec.shift[0] == 0.0 and rec.shift[2] > 1.0
+    gap_before = abs(rec.student_before[2] - rec.teacher[2])
+    assert abs(rec.student_after[2] - rec.teacher[2]) < gap_before / 2
+    agree = (logits_of(student, images).argmax(1) == reference.argmax(1)).float().mean()
+    agree_shift = (logits_of(shifted, images).argmax(1) == reference.argmax(1)).float().mean()
+    assert agree > agree_shift
