@@ -361,6 +361,19 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
             f"images (the bar: {_pct(record['avoided_below'])}).{spared}",
             "",
         ]
+    if record.get("refit") is not None:  # PurifyConfig.prior_head_ridge
+        classes = record["corrected"]
+        shares = ", ".join(
+            f"class {c} {_pct(record['student_before'][c])} -> "
+            f"{_pct(record['student_after'][c])} (the {teacher}: {_pct(record['teacher'][c])})"
+            for c in classes
+        )
+        return [
+            f"{name}: the classifier rows of the classes the student avoided were refit to "
+            f"the {teacher}'s logits on the clean synthetic images (ridge "
+            f"{record.get('head_ridge')}); their share of the probability mass: {shares}." + spared,
+            "",
+        ]
     c = max(range(len(shift)), key=lambda k: abs(shift[k]))
     return [
         f"{name}: the classifier's biases were shifted so that the student's class "

@@ -1132,6 +1132,22 @@ def test_prior_correction_knob() -> None:
     assert "Class-prior correction: the classifier's biases were shifted" in text
     with pytest.raises(ValueError, match="prior_reference"):
         purify(model, _config("cnc", prior_reference="uniform"), **kw)
+    # the rows refit instead: weights and bias of the classifier move, the record says so
+    knobs = dict(prior_correction=3, prior_avoided_below=None, prior_head_ridge=0.1)
+    refit = purify(model, _config("cnc", **knobs), **kw)
+    rec = refit.detection["prior_correction"]
+    assert rec["head_ridge"] == 0.1 and rec["refit"] and len(rec["refit"]) == len(rec["corrected"])
+    assert refit.prior_reference_logits is not None
+    assert refit.prior_reference_logits.shape[1] == 4 and plain.prior_reference_logits is None
+    moved = {
+        k
+        for k, v in refit.model.state_dict().items()
+        if not torch.equal(v, plain.model.state_dict()[k])
+    }
+    assert moved == {"fc.weight", "fc.bias"}
+    assert "rows of the classes the student avoided were refit" in render_report(
+        {"detection": refit.detection}
+    )
     # the preset shifts only the classes the student avoids, and records which
     preset = purify(model, _config("cnc"), **kw).detection["prior_correction"]
     before, teacher = preset["student_before"], preset["teacher"]
