@@ -336,7 +336,8 @@ def _variant_lines(results: list[dict[str, Any]], columns: list[str]) -> list[st
         lines += [
             "",
             f"{c}: the class-prior correction's variants, the same student (only the "
-            "classifier's biases differ; bench/prior_variants.py). A row without variants "
+            "classifier differs: its biases, and for a row refit the corrected classes' "
+            "rows; bench/prior_variants.py). A row without variants "
             "whose correction moved no class (* ) has the run's scores in every column: no "
             "variant moves a class the run's rule left alone.",
             "",

@@ -4,7 +4,9 @@ The correction (:mod:`cnc_core.purify.calibrate`) is the pipeline's last change 
 and touches only the classifier's biases, so every variant here is the model the pipeline
 would return with that setting, up to the record's rounding (4 decimals of the shift and of
 the reference distribution): the run's shift is undone and the correction redone from the
-same student, images and reference distribution (the run's record).
+same student, images and reference distribution (the run's record). The row-refit variant
+(``prior_head_ridge``) is redone from the run's reference logits
+(``PurifyResult.prior_reference_logits``), exactly.
 """
 
 from __future__ import annotations
