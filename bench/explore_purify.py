@@ -114,6 +114,29 @@ def _prior_variants(
     )
 
 
+def cached_inputs(model: Any, cfg: PurifyConfig, key: str) -> tuple[Any, Any]:
+    """The synthetic images and (for trigger inversion) the proxies of ``model`` under
+    ``cfg``, from the cache under ``bench/.cache/explore/`` or made and cached."""
+    synth, _made = cached_synthetic(
+        model, cfg.synthesis, key, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
+    )
+    if cfg.proxy.kind != "trigger_inversion":
+        return synth, None
+    inv = _inversion(model, synth, cfg, key, synth_key(cfg.synthesis))
+    gen = torch.Generator().manual_seed(cfg.proxy.seed)
+    proxies = proxies_from_inversion(
+        model,
+        synth,
+        inv,
+        use=cfg.proxy.inversion.use,
+        anomaly_threshold=cfg.proxy.inversion.anomaly_threshold,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        generator=gen,
+    )
+    return synth, proxies
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--attack", default="badnet")
@@ -146,22 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     synth = proxies = None
     if args.method.startswith("cnc"):
-        synth, _made = cached_synthetic(
-            model, cfg.synthesis, key, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
-        )
-        if cfg.proxy.kind == "trigger_inversion":
-            inv = _inversion(model, synth, cfg, key, synth_key(cfg.synthesis))
-            gen = torch.Generator().manual_seed(cfg.proxy.seed)
-            proxies = proxies_from_inversion(
-                model,
-                synth,
-                inv,
-                use=cfg.proxy.inversion.use,
-                anomaly_threshold=cfg.proxy.inversion.anomaly_threshold,
-                mean=FASHION_MNIST_MEAN,
-                std=FASHION_MNIST_STD,
-                generator=gen,
-            )
+        synth, proxies = cached_inputs(model, cfg, key)
     t_cache = time.perf_counter() - t0
     res = purify(
         model,

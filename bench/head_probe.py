@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.explore_purify import _inversion  # noqa: E402
-from bench.synth_cache import cached_synthetic, model_key, synth_key  # noqa: E402
+from bench.explore_purify import cached_inputs  # noqa: E402
+from bench.synth_cache import model_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
@@ -44,7 +44,6 @@ from cnc_core.purify.pipeline import (  # noqa: E402
     PurifyConfig,
     purify,
 )
-from cnc_core.purify.proxies import proxies_from_inversion  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "head-probe.jsonl"
 RIDGES = (1.0, 0.1, 0.01)
@@ -101,22 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     model, _meta = load_zoo_model(args.attack, args.mode, 16)
     cc = CompressConfig(ratio=args.ratio, **METHOD_COMPRESS_DEFAULTS.get("cnc", {}))
     cfg = PurifyConfig.for_method("cnc", compress=cc, seed=args.seed)
-    ms = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     key = model_key(args.attack, args.mode)
-    synth, _made = cached_synthetic(model, cfg.synthesis, key, **ms)
-    inv = _inversion(model, synth, cfg, key, synth_key(cfg.synthesis))
-    gen = torch.Generator().manual_seed(cfg.proxy.seed)
-    inversion = cfg.proxy.inversion
-    proxies = proxies_from_inversion(
+    synth, proxies = cached_inputs(model, cfg, key)
+    res = purify(
         model,
-        synth,
-        inv,
-        use=inversion.use,
-        anomaly_threshold=inversion.anomaly_threshold,
-        generator=gen,
-        **ms,
+        cfg,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        input_shape=(3, 32, 32),
+        synthetic=synth,
+        proxies=proxies,
     )
-    res = purify(model, cfg, input_shape=(3, 32, 32), synthetic=synth, proxies=proxies, **ms)
     rec = res.detection["prior_correction"]
     assert res.prior_reference_logits is not None and rec.get("refit") is None
     student = res.model
