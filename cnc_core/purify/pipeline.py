@@ -335,9 +335,11 @@ class PurifyConfig:
     warp_cleaning_other_class: bool = False
     # Neural Cleanse's inverted trigger where a warp past its gate names another class and
     # drives the cleaning (its class then a natural one, misnamed): "keep" (unlearnt, its
-    # images in the stamped BN statistics, as before), "drop" (left out of every stamp; the
-    # warp takes its place only where no all-to-all trigger remains to unlearn) or "warp"
-    # (the warp takes its place).
+    # images in the stamped BN statistics, as before), "drop" (left out of every stamp;
+    # where nothing else was found, fine-tuning unlearns nothing and the rank sensitivity
+    # is skipped) or "warp" (the warp unlearnt in its place). WaNet all-to-one 3x, 2,000
+    # test images (session 25, explore-purify.md 4ad): keep 85.45 / 1.85, drop 83.35 /
+    # 1.85, warp 60.75 / 0.15 (collapsed).
     misnamed_inverted: str = "keep"
     # Class-prior correction after fine-tuning (:mod:`.calibrate`): this many fixed-point
     # steps shift the student's classifier biases until its mean predicted class
@@ -349,7 +351,10 @@ class PurifyConfig:
     # Where set, the avoided classes' classifier rows are refit to the reference teacher's
     # logits on the synthetic images (ridge regression at this relative strength, toward
     # the current rows) in place of the bias shift (calibrate.refit_to_prior); the other
-    # prior_* settings choose the classes as for the shift. None: the bias shift.
+    # prior_* settings choose the classes as for the shift. None: the bias shift. Session
+    # 25 (explore-purify.md 4ad), ridge 0.1 against the shift on the same students: clean
+    # model +0.35, WaNet all-to-one -3.05 / -4.73 (3x / 4x), Blended all-to-all -0.45 /
+    # -0.64, BadNet all-to-all 4x -0.41.
     prior_head_ridge: float | None = None
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
