@@ -51,16 +51,29 @@ def classifier(model: nn.Module, num_classes: int) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def mean_probs(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """The mean softmax over ``images`` (model-input space), in eval mode."""
+def logits_of(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """``model``'s logits on ``images`` (model-input space), in eval mode, on the CPU."""
     was_training = model.training
     model.eval()
+    try:
+        return torch.cat([model(b).float().cpu() for b in images.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def mean_softmax(logits: Tensor, batch_size: int = 256) -> Tensor:
+    """The mean softmax of ``logits`` (one row per image), summed in chunks of
+    ``batch_size`` rows as :func:`mean_probs` always has."""
     total = torch.zeros(())
-    for batch in images.split(batch_size):
-        p = F.softmax(model(batch).float(), dim=1).sum(0)
-        total = total + p.cpu()
-    model.train(was_training)
-    return total / images.shape[0]
+    for chunk in logits.float().cpu().split(batch_size):
+        total = total + F.softmax(chunk, dim=1).sum(0)
+    return total / logits.shape[0]
+
+
+@torch.no_grad()
+def mean_probs(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The mean softmax over ``images`` (model-input space), in eval mode."""
+    return mean_softmax(logits_of(model, images, batch_size), batch_size)
 
 
 @torch.no_grad()
@@ -153,17 +166,6 @@ def _chosen(
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """``model``'s logits on ``images``, in eval mode, on the CPU."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(b).float().cpu() for b in images.split(batch_size)])
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
 def refit_to_prior(
     student: nn.Module,
     images: Tensor,
@@ -183,7 +185,7 @@ def refit_to_prior(
     head = classifier(student, num_classes)
     if head is None:
         return None
-    reference = F.softmax(reference_logits.float(), dim=1).mean(0).clamp_min(1e-6)
+    reference = mean_softmax(reference_logits).clamp_min(1e-6)
     before = mean_probs(student, images)
     chosen, spared = _chosen(before, reference, avoided_below, spared)
     classes = [c for c in range(num_classes) if bool(chosen[c])]
@@ -210,13 +212,10 @@ def features_and_logits(
     ``images``, in eval mode, on the CPU."""
     feats: list[Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().cpu()))
-    was_training = model.training
-    model.eval()
     try:
-        logits = torch.cat([model(b).float().cpu() for b in images.split(batch_size)])
+        logits = logits_of(model, images, batch_size)
     finally:
         hook.remove()
-        model.train(was_training)
     return torch.cat(feats).float(), logits
 
 

@@ -44,7 +44,12 @@ from torch import Tensor, nn
 from cnc_core.compress import CompressConfig, CompressResult, compress, compressible_layers
 from cnc_core.limits import check_knob
 from cnc_core.progress import ProgressFn, StagePlan
-from cnc_core.purify.calibrate import logits_of, match_class_prior, refit_to_prior
+from cnc_core.purify.calibrate import (
+    logits_of,
+    mean_softmax,
+    refit_to_prior,
+    shift_to_prior,
+)
 from cnc_core.purify.clp import CLPConfig, CLPResult, clp
 from cnc_core.purify.dynamic import (
     DynamicInversionConfig,
@@ -1230,11 +1235,11 @@ def purify(
                     avoided_below=config.prior_avoided_below,
                     spared=spared,
                 )
-            else:
-                corrected = match_class_prior(
+            else:  # the reference's distribution from the logits above, not a 2nd pass
+                corrected = shift_to_prior(
                     student,
-                    reference,
                     clean,
+                    mean_softmax(reference_logits),
                     num_classes=num_classes,
                     iterations=config.prior_correction,
                     max_shift=config.prior_max_shift,
@@ -1663,21 +1668,15 @@ def _add_warp_trigger(
         # student to avoid that class
         out.inverted_dropped = True
         record["used"] = True
+        left_out = f"Neural Cleanse's trigger (class {named}) left out of the stamps"
         if config.misnamed_inverted == "warp":
             out.warp_field = field_
-            record["inverted"] = (
-                f"Neural Cleanse's trigger (class {named}) left out of the stamps, the warp "
-                "unlearnt in its place (misnamed_inverted)"
-            )
-        else:
-            record["inverted"] = (
-                f"Neural Cleanse's trigger (class {named}) left out of the stamps "
-                "(misnamed_inverted)"
-                + ("; nothing is left to unlearn" if _nothing_to_unlearn(out) else "")
-            )
-        if _nothing_to_unlearn(out):
-            return out
-        return _restamped(out, clean, config, mean, std, seed_offset=971)
+            left_out += ", the warp unlearnt in its place"
+        bare = _nothing_to_unlearn(out)
+        record["inverted"] = f"{left_out} (misnamed_inverted)" + (
+            "; nothing is left to unlearn" if bare else ""
+        )
+        return out if bare else _restamped(out, clean, config, mean, std, seed_offset=971)
     if config.warp_use == "cleaning":
         record["used"] = out.cleaning_warp is not None
         return out
