@@ -36,6 +36,7 @@ from cnc_core.compress import split_compress_knobs  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
+from cnc_core.purify.calibrate import logits_of  # noqa: E402
 from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,6 +146,7 @@ def evaluate_model(
                 lambda m: _score(m, sets, device),
                 iterations=cfg.prior_correction,
                 reference_logits=result.prior_reference_logits,
+                original_logits=logits_of(model, synthetic),
             )
             print(f"[{name}] {label} prior variants: {json.dumps(row['prior_variants'])}")
         rows[label] = row

@@ -9,7 +9,9 @@ Fashion-MNIST test images:
   the other test images with their real labels (an upper bound of what any change of the
   last layer can recover; real labels, so a diagnostic, never a purification step);
 - the avoided classes' classifier rows refit to the cleaned teacher's logits on the
-  synthetic images (``calibrate.refit_to_prior``, data-free) at several ridges.
+  synthetic images (``calibrate.refit_to_prior``, data-free) at several ridges, and to the
+  original model's logits (``refit_original_ridge_*``; what ``prior_unnamed_ridge`` does
+  where no class is named).
 
 One JSON line per run goes to ``bench/results/head-probe.jsonl``. Example::
 
@@ -19,6 +21,7 @@ One JSON line per run goes to ``bench/results/head-probe.jsonl``. Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -37,6 +40,7 @@ from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E40
 from cnc_core.purify.calibrate import (  # noqa: E402
     classifier,
     features_and_logits,
+    logits_of,
     refit_to_prior,
 )
 from cnc_core.purify.pipeline import (  # noqa: E402
@@ -131,23 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     feats, _ = features_and_logits(student, head, _normalise(x))
     out["oracle_probe"] = _score(_oracle_probe(feats, y, n), y[:n])
     uncorrected = head.bias.detach().clone()
-    for ridge in RIDGES:
+    references = {"": res.prior_reference_logits, "original_": logits_of(model, synth)}
+    for (prefix, reference), ridge in itertools.product(references.items(), RIDGES):
         with torch.no_grad():
             head.bias.copy_(uncorrected)
             head.weight.copy_(weight)
         refit = refit_to_prior(
             student,
             synth,
-            res.prior_reference_logits,
+            reference,
             num_classes=10,
             ridge=ridge,
             avoided_below=rec["avoided_below"],
             spared=rec["spared"],
         )
         assert refit is not None
-        out[f"refit_ridge_{ridge:g}"] = {
+        out[f"refit_{prefix}ridge_{ridge:g}"] = {
             **_score(_predict(student, x[:n]), y[:n]),
             "refit": refit.refit,
+            "corrected": refit.corrected,
         }
     with torch.no_grad():
         head.bias.copy_(bias)

@@ -6,7 +6,8 @@ would return with that setting, up to the record's rounding (4 decimals of the s
 the reference distribution): the run's shift is undone and the correction redone from the
 same student, images and reference distribution (the run's record). The row-refit variant
 (``prior_head_ridge``) is redone from the run's reference logits
-(``PurifyResult.prior_reference_logits``), exactly.
+(``PurifyResult.prior_reference_logits``), exactly; the variants that refit to the original
+model's logits take them from the caller (the original on the run's synthetic images).
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ class Variant(NamedTuple):
     """One correction: its cap, whether the run's named target classes are spared, and the
     class distribution to match (None: the run's reference, from its record); with
     ``head_ridge``, the chosen classes' classifier rows refit to the run's reference logits
-    at that ridge (calibrate.refit_to_prior) in place of the capped bias shift."""
+    at that ridge (calibrate.refit_to_prior) in place of the capped bias shift, to the
+    original model's logits where ``original``; with ``unnamed_only``, the refit only where
+    the run named no class (its record's ``spared`` empty), the capped shift elsewhere
+    (``PurifyConfig.prior_unnamed_ridge``)."""
 
     max_shift: float
     spare: bool
     reference: torch.Tensor | None = None
     head_ridge: float | None = None
+    original: bool = False
+    unnamed_only: bool = False
 
 
 # name -> the correction redone; None: uncorrected
@@ -39,6 +45,9 @@ VARIANTS: dict[str, Variant | None] = {
     "spared, cap 1.5": Variant(1.5, True),
     "spared, cap 1": Variant(1.0, True),
     "spared, rows refit (ridge 0.1)": Variant(0.0, True, head_ridge=0.1),
+    "rows refit to the original where nothing named (ridge 0.1), else spared, cap 1.5": Variant(
+        1.5, True, head_ridge=0.1, original=True, unnamed_only=True
+    ),
 }
 
 
@@ -51,12 +60,14 @@ def prior_variants(
     iterations: int,
     variants: Mapping[str, Variant | None] = VARIANTS,
     reference_logits: torch.Tensor | None = None,
+    original_logits: torch.Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``score(student)`` under each of ``variants``, given the run's
     ``detection["prior_correction"]`` record (of a bias shift: a run that refit rows cannot
     be undone from its record) and, for the row refits, the run's reference logits
-    (``PurifyResult.prior_reference_logits``; without them those variants are left out);
-    the student's classifier is restored after."""
+    (``PurifyResult.prior_reference_logits``; without them those variants are left out)
+    or the original model's (``original_logits``, likewise); the student's classifier is
+    restored after."""
     if record.get("refit") is not None:
         raise ValueError("the run refit classifier rows: its variants cannot be redone")
     num_classes = len(record["shift"])
@@ -73,15 +84,19 @@ def prior_variants(
                 head.weight.copy_(weight)
             shift: list[float] | None = None
             extra: dict[str, Any] = {}
-            if variant is not None and variant.head_ridge is not None:
-                if reference_logits is None:
+            refit = variant is not None and variant.head_ridge is not None
+            if variant is not None and variant.unnamed_only and record.get("spared"):
+                refit = False  # a class was named: the capped shift below
+            if variant is not None and refit:
+                logits = original_logits if variant.original else reference_logits
+                if logits is None:
                     continue
                 rec = refit_to_prior(
                     student,
                     images,
-                    reference_logits,
+                    logits,
                     num_classes=num_classes,
-                    ridge=variant.head_ridge,
+                    ridge=float(variant.head_ridge or 0.0),
                     avoided_below=record.get("avoided_below"),
                     spared=record.get("spared", []) if variant.spare else [],
                 )

@@ -147,6 +147,17 @@ def test_bench_prior_variants_redo_the_correction_on_the_same_student() -> None:
     assert torch.equal(student[3].weight, weight) and torch.equal(student[3].bias, as_run)
     with pytest.raises(ValueError, match="refit"):
         prior_variants(student, images, {**record, "refit": [0.1]}, lambda m: {}, iterations=1)
+    # refit to the original only where the run named nothing: a named class keeps the shift
+    hybrid = "rows refit to the original where nothing named (ridge 0.1), else spared, cap 1.5"
+    bias_of = lambda m: {"bias": m[3].bias.tolist()}  # noqa: E731
+    given = dict(iterations=10, original_logits=logits_of(teacher, images))
+    named = prior_variants(student, images, record, bias_of, **given)
+    assert named[hybrid] == named["spared, cap 1.5"] and named[hybrid].get("refit") is None
+    unnamed = prior_variants(student, images, {**record, "spared": []}, bias_of, **given)
+    assert unnamed[hybrid]["refit"] and unnamed[hybrid]["bias"][0] > float(plain_bias[0]) + 2.0
+    bare = prior_variants(student, images, {**record, "spared": []}, bias_of, iterations=10)
+    assert hybrid not in bare  # no original logits given
+    assert torch.equal(student[3].weight, weight) and torch.equal(student[3].bias, as_run)
 
 
 def test_refit_to_prior_rebuilds_the_avoided_rows_from_the_reference_logits() -> None:
