@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     out["oracle_probe"] = _score(_oracle_probe(feats, y, n), y[:n])
     uncorrected = head.bias.detach().clone()
     references = {"": res.prior_reference_logits, "original_": logits_of(model, synth)}
+    # "all_original_": every row but a named target's refit to the original's logits
+    references["all_original_"] = references["original_"]
     for (prefix, reference), ridge in itertools.product(references.items(), RIDGES):
         with torch.no_grad():
             head.bias.copy_(uncorrected)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             reference,
             num_classes=10,
             ridge=ridge,
-            avoided_below=rec["avoided_below"],
+            avoided_below=None if prefix.startswith("all") else rec["avoided_below"],
             spared=rec["spared"],
         )
         assert refit is not None

@@ -36,6 +36,7 @@ class Variant(NamedTuple):
     head_ridge: float | None = None
     original: bool = False
     unnamed_only: bool = False
+    all_rows: bool = False  # refit every class's row (the named ones spared), not the avoided
 
 
 # name -> the correction redone; None: uncorrected
@@ -47,6 +48,12 @@ VARIANTS: dict[str, Variant | None] = {
     "spared, rows refit (ridge 0.1)": Variant(0.0, True, head_ridge=0.1),
     "rows refit to the original where nothing named (ridge 0.1), else spared, cap 1.5": Variant(
         1.5, True, head_ridge=0.1, original=True, unnamed_only=True
+    ),
+    "all rows refit to the original where nothing named (ridge 0.1), else spared, cap 1.5": (
+        Variant(1.5, True, head_ridge=0.1, original=True, unnamed_only=True, all_rows=True)
+    ),
+    "all rows refit to the original where nothing named (ridge 1), else spared, cap 1.5": (
+        Variant(1.5, True, head_ridge=1.0, original=True, unnamed_only=True, all_rows=True)
     ),
 }
 
@@ -97,7 +104,7 @@ def prior_variants(
                     logits,
                     num_classes=num_classes,
                     ridge=float(variant.head_ridge or 0.0),
-                    avoided_below=record.get("avoided_below"),
+                    avoided_below=None if variant.all_rows else record.get("avoided_below"),
                     spared=record.get("spared", []) if variant.spare else [],
                 )
                 shift = rec.shift if rec is not None else None
