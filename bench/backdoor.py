@@ -38,6 +38,7 @@ from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
 from cnc_core.purify.calibrate import logits_of  # noqa: E402
 from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
+from cnc_core.purify.proxies import predict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTACKS = [
@@ -87,6 +88,16 @@ def _score(model: torch.nn.Module, sets: dict[str, Any], device: torch.device) -
         xp, yp = sets["poisoned"]
         out["asr"] = attack_success_rate(model, xp, yp, mean=MEAN, std=STD, device=device)
     return out
+
+
+def _stamped_share(model: torch.nn.Module, proxies: Any) -> dict[str, float]:
+    """The share of the run's stamped proxy images (Neural Cleanse's trigger on synthetic
+    images) that ``model`` gives Neural Cleanse's class: does a correction give the
+    inverted trigger its reach back?"""
+    if proxies is None or proxies.inversion is None:
+        return {}
+    named = int(proxies.inversion.suspected_target)
+    return {"stamped_to_named": float((predict(model, proxies.images) == named).float().mean())}
 
 
 def evaluate_model(
@@ -143,7 +154,7 @@ def evaluate_model(
                 result.model,
                 synthetic,
                 prior,
-                lambda m: _score(m, sets, device),
+                lambda m: {**_score(m, sets, device), **_stamped_share(m, result.proxies)},
                 iterations=cfg.prior_correction,
                 reference_logits=result.prior_reference_logits,
                 original_logits=logits_of(model, synthetic),
