@@ -10,8 +10,9 @@ Fashion-MNIST test images:
   last layer can recover; real labels, so a diagnostic, never a purification step);
 - the avoided classes' classifier rows refit to the cleaned teacher's logits on the
   synthetic images (``calibrate.refit_to_prior``, data-free) at several ridges, and to the
-  original model's logits (``refit_original_ridge_*``; what ``prior_unnamed_ridge`` does
-  where no class is named).
+  original model's logits (``refit_original_ridge_*``; ``refit_all_original_ridge_*``:
+  every row but a named target's); each with the share of the stamped proxy images the
+  student gives Neural Cleanse's class (``stamped_to_named``).
 
 One JSON line per run goes to ``bench/results/head-probe.jsonl``. Example::
 

@@ -27,8 +27,10 @@ class Variant(NamedTuple):
     ``head_ridge``, the chosen classes' classifier rows refit to the run's reference logits
     at that ridge (calibrate.refit_to_prior) in place of the capped bias shift, to the
     original model's logits where ``original``; with ``unnamed_only``, the refit only where
-    the run named no class (its record's ``spared`` empty), the capped shift elsewhere
-    (``PurifyConfig.prior_unnamed_ridge``)."""
+    the run named no class (its record's ``spared`` empty), the capped shift elsewhere;
+    with ``all_rows``, every class's row but a named one's, not only the avoided classes'
+    (session 26, explore-purify.md 4ae: the original's logits brought InputAware
+    all-to-one's backdoor back, where nothing was named)."""
 
     max_shift: float
     spare: bool
@@ -36,7 +38,7 @@ class Variant(NamedTuple):
     head_ridge: float | None = None
     original: bool = False
     unnamed_only: bool = False
-    all_rows: bool = False  # refit every class's row (the named ones spared), not the avoided
+    all_rows: bool = False
 
 
 # name -> the correction redone; None: uncorrected

@@ -361,14 +361,8 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
             f"images (the bar: {_pct(record['avoided_below'])}).{spared}",
             "",
         ]
-    if record.get("refit") is not None:  # PurifyConfig.prior_head_ridge / _unnamed_ridge
+    if record.get("refit") is not None:  # PurifyConfig.prior_head_ridge
         classes = record["corrected"]
-        unnamed = (
-            " No search named a backdoor target, so the rows follow the original model "
-            "(where one is named, its logits would carry the trigger back)."
-            if record.get("unnamed_refit")
-            else ""
-        )
         shares = ", ".join(
             f"class {c} {_pct(record['student_before'][c])} -> "
             f"{_pct(record['student_after'][c])} (the {teacher}: {_pct(record['teacher'][c])})"
@@ -377,9 +371,7 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         return [
             f"{name}: the classifier rows of the classes the student avoided were refit to "
             f"the {teacher}'s logits on the clean synthetic images (ridge "
-            f"{record.get('head_ridge')}); their share of the probability mass: {shares}."
-            + spared
-            + unnamed,
+            f"{record.get('head_ridge')}); their share of the probability mass: {shares}." + spared,
             "",
         ]
     c = max(range(len(shift)), key=lambda k: abs(shift[k]))

@@ -361,13 +361,6 @@ class PurifyConfig:
     # model +0.35, WaNet all-to-one -3.05 / -4.73 (3x / 4x), Blended all-to-all -0.45 /
     # -0.64, BadNet all-to-all 4x -0.41.
     prior_head_ridge: float | None = None
-    # Where set and no class is named as the target (``prior_spare_named``; every run where
-    # that is None), the avoided classes' rows are refit to the ORIGINAL model's logits at
-    # this ridge instead, whatever ``prior_reference`` and ``prior_head_ridge`` say; where a
-    # class is named, they decide. The original's logits carry an all-to-one trigger back
-    # through the target's row (4aa), so only where no target was found; the cleaned
-    # teacher's are damaged by the cleaning (a clean model's class 6, 4ad).
-    prior_unnamed_ridge: float | None = None
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
     # Shift only the classes the student avoids: given less than this fraction of the
@@ -683,7 +676,6 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_cleaning_other_class": ("warp_cleaning_other_class",),
     "misnamed_inverted": ("misnamed_inverted",),
     "prior_head_ridge": ("prior_head_ridge",),
-    "prior_unnamed_ridge": ("prior_unnamed_ridge",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
@@ -1230,19 +1222,16 @@ def purify(
     reference_logits = None
     if config.prior_correction > 0:
         with plan.stage("prior"):
-            spared = named_targets(config.prior_spare_named, proxies)
-            unnamed = config.prior_unnamed_ridge is not None and not spared
-            reference_name = "original" if unnamed else config.prior_reference
-            ridge = config.prior_unnamed_ridge if unnamed else config.prior_head_ridge
-            reference = kd_teacher if reference_name == "cleaned" else teacher
+            reference = kd_teacher if config.prior_reference == "cleaned" else teacher
             reference_logits = logits_of(reference, clean)
-            if ridge is not None:
+            spared = named_targets(config.prior_spare_named, proxies)
+            if config.prior_head_ridge is not None:
                 corrected = refit_to_prior(
                     student,
                     clean,
                     reference_logits,
                     num_classes=num_classes,
-                    ridge=ridge,
+                    ridge=config.prior_head_ridge,
                     avoided_below=config.prior_avoided_below,
                     spared=spared,
                 )
@@ -1260,12 +1249,11 @@ def purify(
             detection["prior_correction"] = (
                 {
                     **dataclasses.asdict(corrected),
-                    "reference": reference_name,
+                    "reference": config.prior_reference,
                     "avoided_below": config.prior_avoided_below,
                     "spare_named": config.prior_spare_named,
                     "max_shift": config.prior_max_shift,
-                    "head_ridge": ridge,
-                    "unnamed_refit": unnamed,
+                    "head_ridge": config.prior_head_ridge,
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}

@@ -1179,34 +1179,3 @@ def test_prior_correction_knob() -> None:
     none = dict(preset, corrected=[], spared=[], shift=[0.0] * 4)
     text = render_report({"detection": {"prior_correction": none}})
     assert "Class-prior correction: no class needed it" in text and "+0.00" not in text
-
-
-def test_prior_unnamed_ridge_refits_to_the_original_only_where_nothing_is_named() -> None:
-    """``prior_unnamed_ridge``: where no class is named, the rows are refit to the original
-    model's logits (the same model as ``prior_head_ridge`` with ``prior_reference=original``);
-    where Neural Cleanse names a class, the run is the bias shift it would be without it."""
-    model = _model()
-    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    base = dict(prior_correction=3, prior_avoided_below=None, prior_spare_named=1e9)
-    unnamed = purify(model, _config("cnc", **base, prior_unnamed_ridge=0.1), **kw)
-    rec = unnamed.detection["prior_correction"]
-    assert rec["unnamed_refit"] and rec["reference"] == "original" and rec["spared"] == []
-    assert rec["head_ridge"] == 0.1 and rec["refit"]
-    explicit = purify(
-        model, _config("cnc", **base, prior_head_ridge=0.1, prior_reference="original"), **kw
-    )
-    assert explicit.detection["prior_correction"]["unnamed_refit"] is False
-    for key, value in unnamed.model.state_dict().items():
-        assert torch.equal(value, explicit.model.state_dict()[key]), key
-    text = render_report({"detection": unnamed.detection})
-    assert "No search named a backdoor target, so the rows follow the original model" in text
-    # every class Neural Cleanse names passes a bar of -1e9: the knob then changes nothing
-    named = {**base, "prior_spare_named": -1e9}
-    with_knob = purify(model, _config("cnc", **named, prior_unnamed_ridge=0.1), **kw)
-    without = purify(model, _config("cnc", **named), **kw)
-    rec = with_knob.detection["prior_correction"]
-    assert not rec["unnamed_refit"] and rec["reference"] == "cleaned" and rec["spared"]
-    assert rec["refit"] is None and rec["head_ridge"] is None
-    for key, value in with_knob.model.state_dict().items():
-        assert torch.equal(value, without.model.state_dict()[key]), key
-    assert "No search named" not in render_report({"detection": with_knob.detection})
