@@ -4,7 +4,7 @@ A lead from explore-purify.md 4ae: refitting a class's classifier row to the ori
 model's logits helps a clean model's natural class and brings back a real target's
 backdoor (InputAware all-to-one), and no signal measured there told the two apart. This
 prints, for every zoo model, the original's mean softmax share and argmax share of each
-class on the ``cnc`` preset's synthetic images (seed 0, cached as ``bench/backdoor.py``
+class on the ``cnc`` preset's synthetic images (``--seed``, cached as ``bench/backdoor.py``
 caches them; made here where missing), beside the class Neural Cleanse names in the table
 run (``--table``). Appends one JSON line per model to ``bench/results/original-shares.jsonl``.
 Data-free: no real image is read. Example::
@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", type=Path, default=RESULTS / "backdoor-w16-s24.json")
+    p.add_argument("--seed", type=int, default=0, help="the synthetic images' seed")
+    p.add_argument("--models", nargs="+", help="e.g. wanet-all2one clean-none (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    synthesis = PurifyConfig.for_method("cnc", seed=0).synthesis
+    synthesis = PurifyConfig.for_method("cnc", seed=args.seed).synthesis
     synth_cfg = dataclasses.replace(synthesis, image_shape=(3, 32, 32))
     named = named_classes(args.table)
     for attack, mode in ZOO:
+        if args.models and f"{attack}-{mode}" not in args.models:
+            continue
         model, _ = load_zoo_model(attack, mode, 16)
         key = model_key(attack, mode)
         images, made = cached_synthetic(
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cls, anomaly = named.get(f"{attack}-{mode}", (None, None))
         out: dict[str, Any] = {
             "model": key,
+            "seed": args.seed,
             "named": cls,
             "anomaly_index": anomaly,
             "softmax_share": [round(v, 4) for v in soft.tolist()],
