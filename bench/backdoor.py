@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved_latency, machine  # noqa: E402
-from bench.prior_variants import prior_variants  # noqa: E402
+from bench.prior_variants import prior_variants, stamped_share  # noqa: E402
 from bench.synth_cache import cached_synthetic, model_key  # noqa: E402
 from bench.zoo import DEFAULT_DATA_ROOT, eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.cli import parse_knob  # noqa: E402
@@ -38,7 +38,6 @@ from cnc_core.evaluate import accuracy, attack_success_rate  # noqa: E402
 from cnc_core.metrics import count_macs, count_params  # noqa: E402
 from cnc_core.purify.calibrate import logits_of  # noqa: E402
 from cnc_core.purify.pipeline import PurifyConfig, purify  # noqa: E402
-from cnc_core.purify.proxies import predict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTACKS = [
@@ -90,16 +89,6 @@ def _score(model: torch.nn.Module, sets: dict[str, Any], device: torch.device) -
     return out
 
 
-def _stamped_share(model: torch.nn.Module, proxies: Any) -> dict[str, float]:
-    """The share of the run's stamped proxy images (Neural Cleanse's trigger on synthetic
-    images) that ``model`` gives Neural Cleanse's class: does a correction give the
-    inverted trigger its reach back?"""
-    if proxies is None or proxies.inversion is None:
-        return {}
-    named = int(proxies.inversion.suspected_target)
-    return {"stamped_to_named": float((predict(model, proxies.images) == named).float().mean())}
-
-
 def evaluate_model(
     attack: str, mode: str, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
@@ -124,6 +113,7 @@ def evaluate_model(
         knobs: dict[str, Any] | None = None,
         synthetic: torch.Tensor | None = None,
         proxies: Any = None,
+        original_logits: torch.Tensor | None = None,
     ) -> Any:
         cfg = purify_config(method, ratio, args.seed, {**args.knobs, **(knobs or {})})
         t0 = time.perf_counter()
@@ -154,10 +144,10 @@ def evaluate_model(
                 result.model,
                 synthetic,
                 prior,
-                lambda m: {**_score(m, sets, device), **_stamped_share(m, result.proxies)},
+                lambda m: {**_score(m, sets, device), **stamped_share(m, result.proxies)},
                 iterations=cfg.prior_correction,
                 reference_logits=result.prior_reference_logits,
-                original_logits=logits_of(model, synthetic),
+                original_logits=original_logits,
             )
             print(f"[{name}] {label} prior variants: {json.dumps(row['prior_variants'])}")
         rows[label] = row
@@ -191,11 +181,11 @@ def evaluate_model(
             device=device,
         )
         synth_s = made["seconds"]  # None: cached before sidecars recorded the time
+        # the original's logits on them, for the prior variants that refit to the original
+        inputs = {"synthetic": synthetic, "original_logits": logits_of(model, synthetic)}
         proxies = None
         for ratio in args.ratios:
-            result = run(
-                f"{method} {ratio:g}x", method, ratio, synthetic=synthetic, proxies=proxies
-            )
+            result = run(f"{method} {ratio:g}x", method, ratio, proxies=proxies, **inputs)
             row = rows[f"{method} {ratio:g}x"]
             row["synthesis_seconds"], row["synthesis_cached"] = synth_s, made["cached"]
             if synth_s is not None:
@@ -203,7 +193,7 @@ def evaluate_model(
             proxies = result.proxies
         if method == "cnc" and args.ablations:
             for label, knobs in ABLATIONS.items():
-                run(f"cnc 3x {label}", "cnc", 3.0, knobs, synthetic=synthetic, proxies=proxies)
+                run(f"cnc 3x {label}", "cnc", 3.0, knobs, proxies=proxies, **inputs)
     return {
         "attack": attack,
         "mode": mode,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.explore_purify import cached_inputs  # noqa: E402
+from bench.prior_variants import stamped_share  # noqa: E402
 from bench.synth_cache import model_key  # noqa: E402
 from bench.zoo import eval_sets, load_zoo_model  # noqa: E402
 from cnc_core.compress import CompressConfig  # noqa: E402
@@ -49,7 +50,6 @@ from cnc_core.purify.pipeline import (  # noqa: E402
     PurifyConfig,
     purify,
 )
-from cnc_core.purify.proxies import predict  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "head-probe.jsonl"
 RIDGES = (1.0, 0.1, 0.01)
@@ -134,14 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         head.bias.sub_(torch.tensor(rec["shift"]))
     out["uncorrected"] = _score(_predict(student, x[:n]), y[:n])
-
-    def stamped_to_named() -> float:
-        """The share of the stamped proxy images the student gives Neural Cleanse's class."""
-        assert res.proxies is not None and res.proxies.inversion is not None
-        named = int(res.proxies.inversion.suspected_target)
-        return float((predict(student, res.proxies.images) == named).float().mean())
-
-    out["uncorrected"]["stamped_to_named"] = stamped_to_named()
+    out["uncorrected"].update(stamped_share(student, res.proxies))
     feats, _ = features_and_logits(student, head, _normalise(x))
     out["oracle_probe"] = _score(_oracle_probe(feats, y, n), y[:n])
     uncorrected = head.bias.detach().clone()
@@ -164,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         assert refit is not None
         out[f"refit_{prefix}ridge_{ridge:g}"] = {
             **_score(_predict(student, x[:n]), y[:n]),
-            "stamped_to_named": stamped_to_named(),
+            **stamped_share(student, res.proxies),
             "refit": refit.refit,
             "corrected": refit.corrected,
         }

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnc_core.purify.calibrate import classifier, refit_to_prior, shift_to_prior
+from cnc_core.purify.proxies import predict
 
 
 class Variant(NamedTuple):
@@ -58,6 +59,17 @@ VARIANTS: dict[str, Variant | None] = {
         Variant(1.5, True, head_ridge=1.0, original=True, unnamed_only=True, all_rows=True)
     ),
 }
+
+
+def stamped_share(model: nn.Module, proxies: Any) -> dict[str, float]:
+    """``{"stamped_to_named": share}``: the share of a run's stamped proxy images (Neural
+    Cleanse's trigger on synthetic images) that ``model`` gives Neural Cleanse's class,
+    i.e. whether a correction gives the inverted trigger its reach back; empty where the
+    run has no inverted trigger."""
+    if proxies is None or proxies.inversion is None:
+        return {}
+    named = int(proxies.inversion.suspected_target)
+    return {"stamped_to_named": float((predict(model, proxies.images) == named).float().mean())}
 
 
 def prior_variants(
