@@ -123,6 +123,8 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "prior_reference",
         "prior_max_shift",
         "prior_head_ridge",
+        "prior_unnamed_ridge",
+        "prior_name_share",
         "prior_avoided_below",
         "prior_spare_named",
         "refresh_every",
@@ -304,6 +306,8 @@ KNOB_LIMITS: dict[str, KnobLimit] = {
     "prior_correction": KnobLimit("int", 0, 1000),
     "prior_max_shift": KnobLimit("float", 0.0, 100.0, open_low=True),
     "prior_head_ridge": KnobLimit("float", 0.0, 1000.0, nullable=True),
+    "prior_unnamed_ridge": KnobLimit("float", 0.0, 1000.0, nullable=True),
+    "prior_name_share": KnobLimit("float", 0.0, 1000.0, nullable=True, open_low=True),
     "prior_avoided_below": KnobLimit("float", 0.0, 1.0, nullable=True, open_low=True),
     "prior_spare_named": KnobLimit("float", -1000000000000.0, 1000000000000.0, nullable=True),
 }

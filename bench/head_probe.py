@@ -22,6 +22,7 @@ One JSON line per run goes to ``bench/results/head-probe.jsonl``. Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -105,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model, _meta = load_zoo_model(args.attack, args.mode, 16)
     cc = CompressConfig(ratio=args.ratio, **METHOD_COMPRESS_DEFAULTS.get("cnc", {}))
+    # the bias-shift rule as run, so that every refit below starts from the same student
+    # (the preset's refit to the original where nothing is named is the variant
+    # ``refit_original_ridge_0.1``)
     cfg = PurifyConfig.for_method("cnc", compress=cc, seed=args.seed)
+    cfg = dataclasses.replace(cfg, prior_unnamed_ridge=None)
     key = model_key(args.attack, args.mode)
     synth, proxies = cached_inputs(model, cfg, key)
     res = purify(

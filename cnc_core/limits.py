@@ -164,6 +164,8 @@ KNOB_LIMITS: dict[str, Limit] = {
     "prior_correction": COUNT,
     "prior_max_shift": Limit("float", 0.0, 100.0, open_low=True),
     "prior_head_ridge": Limit("float", 0.0, 1e3, nullable=True),
+    "prior_unnamed_ridge": Limit("float", 0.0, 1e3, nullable=True),
+    "prior_name_share": Limit("float", 0.0, 1e3, nullable=True, open_low=True),
     "prior_avoided_below": Limit("float", 0.0, 1.0, nullable=True, open_low=True),
     "prior_spare_named": NULLABLE_GATE,
 }

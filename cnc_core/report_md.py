@@ -345,6 +345,13 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         if record.get("spared")
         else ""
     )
+    if record.get("named_by_share"):
+        share = record.get("original_share") or []
+        spared += " Named by the original model's share of the synthetic images: " + ", ".join(
+            f"class {c} ({_pct(share[c])})" if c < len(share) else f"class {c}"
+            for c in record["named_by_share"]
+        )
+        spared += f" (the bar: {record.get('name_share')}x the uniform share)."
     if record.get("corrected") == []:
         left_out = set(record.get("spared", []))
         ratios = [
@@ -361,8 +368,15 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
             f"images (the bar: {_pct(record['avoided_below'])}).{spared}",
             "",
         ]
-    if record.get("refit") is not None:  # PurifyConfig.prior_head_ridge
+    if record.get("refit") is not None:  # PurifyConfig.prior_head_ridge / _unnamed_ridge
         classes = record["corrected"]
+        unnamed = (
+            " No search named a backdoor target and the original model favours no class, so "
+            "the rows follow the original model (where a target is named, its logits would "
+            "carry the trigger back)."
+            if record.get("unnamed_refit")
+            else ""
+        )
         shares = ", ".join(
             f"class {c} {_pct(record['student_before'][c])} -> "
             f"{_pct(record['student_after'][c])} (the {teacher}: {_pct(record['teacher'][c])})"
@@ -371,7 +385,9 @@ def _prior_lines(record: dict[str, Any] | None) -> list[str]:
         return [
             f"{name}: the classifier rows of the classes the student avoided were refit to "
             f"the {teacher}'s logits on the clean synthetic images (ridge "
-            f"{record.get('head_ridge')}); their share of the probability mass: {shares}." + spared,
+            f"{record.get('head_ridge')}); their share of the probability mass: {shares}."
+            + spared
+            + unnamed,
             "",
         ]
     c = max(range(len(shift)), key=lambda k: abs(shift[k]))

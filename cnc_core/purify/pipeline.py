@@ -361,6 +361,23 @@ class PurifyConfig:
     # model +0.35, WaNet all-to-one -3.05 / -4.73 (3x / 4x), Blended all-to-all -0.45 /
     # -0.64, BadNet all-to-all 4x -0.41.
     prior_head_ridge: float | None = None
+    # Where set and no class is named as the target (``prior_spare_named``,
+    # ``prior_name_share``), the avoided classes' rows (avoided against the ORIGINAL's
+    # share) are refit to the original model's logits at this ridge instead, whatever
+    # ``prior_reference`` and ``prior_head_ridge`` say; where a class is named, they decide.
+    # The original's logits carry an all-to-one trigger back through the target's row
+    # (InputAware all-to-one, nothing named: 1.87 -> 17.80% ASR), so only where no target
+    # was named; the cleaned teacher's are damaged by the cleaning on a natural class (a
+    # clean model's class 6, explore-purify.md 4ad-4ae).
+    prior_unnamed_ridge: float | None = None
+    # Name as the target, beside the searches, any class to which the ORIGINAL model gives
+    # more than this multiple of the uniform share (1 / classes) of its mean softmax mass on
+    # the clean synthetic images. None: no class named so. Zoo models (10 classes, two
+    # synthetic seeds; bench/original_shares.py): every all-to-one target 0.200-0.233,
+    # every class of the clean and all-to-all models at most 0.148 (explore-purify.md 4ae,
+    # 4af). A class named wrongly only keeps the bias-shift rule; a target missed gets its
+    # row refit to the original's logits, so the bar sits nearer the natural classes.
+    prior_name_share: float | None = None
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
     # Shift only the classes the student avoids: given less than this fraction of the
@@ -546,6 +563,11 @@ class PurifyConfig:
             # 1.6 and 2.7 points (session 24, explore-purify.md 4ac)
             prior_spare_named=2.0,
             prior_max_shift=1.5,
+            # ... and where no search names a target and the original gives no class more
+            # than 1.5x the uniform share of the synthetic images, the avoided rows are
+            # refit to the original's logits (session 27, explore-purify.md 4af)
+            prior_name_share=1.5,
+            prior_unnamed_ridge=0.1,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -676,6 +698,8 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "warp_cleaning_other_class": ("warp_cleaning_other_class",),
     "misnamed_inverted": ("misnamed_inverted",),
     "prior_head_ridge": ("prior_head_ridge",),
+    "prior_unnamed_ridge": ("prior_unnamed_ridge",),
+    "prior_name_share": ("prior_name_share",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
@@ -1222,16 +1246,33 @@ def purify(
     reference_logits = None
     if config.prior_correction > 0:
         with plan.stage("prior"):
-            reference = kd_teacher if config.prior_reference == "cleaned" else teacher
-            reference_logits = logits_of(reference, clean)
-            spared = named_targets(config.prior_spare_named, proxies)
-            if config.prior_head_ridge is not None:
+            original_logits = (
+                logits_of(teacher, clean)
+                if config.prior_reference == "original"
+                or config.prior_name_share is not None
+                or config.prior_unnamed_ridge is not None
+                else None
+            )
+            by_share = shared_targets(
+                None if original_logits is None else mean_softmax(original_logits),
+                config.prior_name_share,
+            )
+            spared = sorted({*named_targets(config.prior_spare_named, proxies), *by_share})
+            unnamed = config.prior_unnamed_ridge is not None and not spared
+            reference_name = "original" if unnamed else config.prior_reference
+            ridge = config.prior_unnamed_ridge if unnamed else config.prior_head_ridge
+            if reference_name == "original":
+                assert original_logits is not None
+                reference_logits = original_logits
+            else:
+                reference_logits = logits_of(kd_teacher, clean)
+            if ridge is not None:
                 corrected = refit_to_prior(
                     student,
                     clean,
                     reference_logits,
                     num_classes=num_classes,
-                    ridge=config.prior_head_ridge,
+                    ridge=ridge,
                     avoided_below=config.prior_avoided_below,
                     spared=spared,
                 )
@@ -1249,11 +1290,17 @@ def purify(
             detection["prior_correction"] = (
                 {
                     **dataclasses.asdict(corrected),
-                    "reference": config.prior_reference,
+                    "reference": reference_name,
                     "avoided_below": config.prior_avoided_below,
                     "spare_named": config.prior_spare_named,
                     "max_shift": config.prior_max_shift,
-                    "head_ridge": config.prior_head_ridge,
+                    "head_ridge": ridge,
+                    "unnamed_refit": unnamed,
+                    "name_share": config.prior_name_share,
+                    "named_by_share": by_share,
+                    "original_share": None
+                    if original_logits is None
+                    else [round(v, 4) for v in mean_softmax(original_logits).tolist()],
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
@@ -1708,6 +1755,18 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     if warp.get("passed"):
         named.add(int(warp["suspected_target"]))
     return sorted(named)
+
+
+def shared_targets(original_share: Tensor | None, above: float | None) -> list[int]:
+    """The classes named as the target by the original model's mean softmax share on the
+    clean synthetic images (``PurifyConfig.prior_name_share``): those given more than
+    ``above`` times the uniform share. An all-to-one backdoor's target draws synthetic
+    images that are no class's in particular (explore-purify.md 4ae). Empty where either
+    is None."""
+    if original_share is None or above is None:
+        return []
+    bar = above / original_share.numel()
+    return [int(c) for c in torch.nonzero(original_share > bar).flatten().tolist()]
 
 
 def _stamp_of(

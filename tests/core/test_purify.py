@@ -1148,8 +1148,10 @@ def test_prior_correction_knob() -> None:
     assert "rows of the classes the student avoided were refit" in render_report(
         {"detection": refit.detection}
     )
-    # the preset shifts only the classes the student avoids, and records which
-    preset = purify(model, _config("cnc"), **kw).detection["prior_correction"]
+    # the preset (where a target is named: no refit to the original) shifts only the
+    # classes the student avoids, and records which
+    shifted = dict(prior_unnamed_ridge=None)
+    preset = purify(model, _config("cnc", **shifted), **kw).detection["prior_correction"]
     before, teacher = preset["student_before"], preset["teacher"]
     assert preset["avoided_below"] == 0.6 and preset["spare_named"] == 2.0
     assert preset["max_shift"] == 1.5 and max(abs(v) for v in preset["shift"]) <= 1.5
@@ -1179,3 +1181,70 @@ def test_prior_correction_knob() -> None:
     none = dict(preset, corrected=[], spared=[], shift=[0.0] * 4)
     text = render_report({"detection": {"prior_correction": none}})
     assert "Class-prior correction: no class needed it" in text and "+0.00" not in text
+
+
+def test_shared_targets_names_the_classes_the_original_favours() -> None:
+    """``prior_name_share``: a class given more than that multiple of the uniform share."""
+    from cnc_core.purify.pipeline import shared_targets
+
+    share = torch.tensor([0.30, 0.20, 0.26, 0.24])
+    assert shared_targets(share, 1.1) == [0]  # the bar: 0.275
+    assert shared_targets(share, 1.0) == [0, 2]
+    assert shared_targets(share, 1.3) == []
+    assert shared_targets(None, 1.1) == [] and shared_targets(share, None) == []
+    assert PurifyConfig.for_method("cnc").prior_name_share == 1.5
+
+
+def test_prior_unnamed_ridge_refits_to_the_original_only_where_nothing_is_named() -> None:
+    """``prior_unnamed_ridge``: where no class is named, the rows are refit to the original
+    model's logits (the same model as ``prior_head_ridge`` with ``prior_reference=original``);
+    where Neural Cleanse or the original's share names a class, the run is the bias shift it
+    would be without the knob."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    base = dict(
+        prior_correction=3, prior_avoided_below=None, prior_spare_named=1e9, prior_name_share=None
+    )
+    unnamed = purify(model, _config("cnc", **base, prior_unnamed_ridge=0.1), **kw)
+    rec = unnamed.detection["prior_correction"]
+    assert rec["unnamed_refit"] and rec["reference"] == "original" and rec["spared"] == []
+    assert rec["head_ridge"] == 0.1 and rec["refit"] and rec["named_by_share"] == []
+    explicit = purify(
+        model,
+        _config(
+            "cnc",
+            **base,
+            prior_head_ridge=0.1,
+            prior_reference="original",
+            prior_unnamed_ridge=None,
+        ),
+        **kw,
+    )
+    assert explicit.detection["prior_correction"]["unnamed_refit"] is False
+    for key, value in unnamed.model.state_dict().items():
+        assert torch.equal(value, explicit.model.state_dict()[key]), key
+    text = render_report({"detection": unnamed.detection})
+    assert "No search named a backdoor target and the original model favours no class" in text
+    # every class Neural Cleanse names passes a bar of -1e9: the knob then changes nothing
+    named = {**base, "prior_spare_named": -1e9}
+    with_knob = purify(model, _config("cnc", **named, prior_unnamed_ridge=0.1), **kw)
+    without = purify(model, _config("cnc", **named, prior_unnamed_ridge=None), **kw)
+    rec = with_knob.detection["prior_correction"]
+    assert not rec["unnamed_refit"] and rec["reference"] == "cleaned" and rec["spared"]
+    assert rec["refit"] is None and rec["head_ridge"] is None
+    for key, value in with_knob.model.state_dict().items():
+        assert torch.equal(value, without.model.state_dict()[key]), key
+    assert "No search named" not in render_report({"detection": with_knob.detection})
+    # the original's share names the class it favours most (a bar just under its share):
+    # spared, so no refit either
+    share = unnamed.detection["prior_correction"]["original_share"]
+    top = max(range(4), key=lambda c: share[c])
+    bar = 4 * share[top] - 1e-3
+    by_share = purify(
+        model, _config("cnc", **{**base, "prior_name_share": bar}, prior_unnamed_ridge=0.1), **kw
+    )
+    rec = by_share.detection["prior_correction"]
+    assert rec["named_by_share"] == [top] and rec["spared"] == [top] and not rec["unnamed_refit"]
+    assert rec["shift"][top] == 0.0 and rec["refit"] is None
+    text = render_report({"detection": by_share.detection})
+    assert f"Named by the original model's share of the synthetic images: class {top}" in text
