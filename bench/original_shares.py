@@ -29,7 +29,7 @@ from bench.synth_cache import cached_synthetic, model_key  # noqa: E402
 from bench.zoo import ZOO, load_zoo_model  # noqa: E402
 from cnc_core.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from cnc_core.purify.calibrate import logits_of, mean_softmax  # noqa: E402
-from cnc_core.purify.pipeline import PurifyConfig  # noqa: E402
+from cnc_core.purify.pipeline import PurifyConfig, shared_targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "original-shares.jsonl"
@@ -53,16 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, default=RESULTS / "backdoor-w16-s24.json")
     p.add_argument("--seed", type=int, default=0, help="the synthetic images' seed")
     p.add_argument("--models", nargs="+", help="e.g. wanet-all2one clean-none (default: all)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=16,
+        help="the zoo's width (another width: a zoo the preset's bar was not fitted on)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    synthesis = PurifyConfig.for_method("cnc", seed=args.seed).synthesis
+    preset = PurifyConfig.for_method("cnc", seed=args.seed)
+    synthesis = preset.synthesis
     synth_cfg = dataclasses.replace(synthesis, image_shape=(3, 32, 32))
     named = named_classes(args.table)
     for attack, mode in ZOO:
         if args.models and f"{attack}-{mode}" not in args.models:
             continue
-        model, _ = load_zoo_model(attack, mode, 16)
-        key = model_key(attack, mode)
+        model, meta = load_zoo_model(attack, mode, args.width)
+        key = model_key(attack, mode, args.width)
         images, made = cached_synthetic(
             model, synth_cfg, key, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
         )
@@ -70,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         soft = mean_softmax(logits)
         hard = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).float()
         hard = hard / logits.shape[0]
-        cls, anomaly = named.get(f"{attack}-{mode}", (None, None))
+        cls, anomaly = (
+            named.get(f"{attack}-{mode}", (None, None)) if args.width == 16 else (None, None)
+        )
         out: dict[str, Any] = {
             "model": key,
             "seed": args.seed,
+            "width": args.width,
+            "train_seed": (meta.get("train") or {}).get("seed"),
+            "clean_acc": meta.get("clean_acc"),
+            "asr": meta.get("asr"),
+            # the classes the preset's bar (PurifyConfig.prior_name_share) names
+            "named_by_share": shared_targets(soft, preset.prior_name_share),
             "named": cls,
             "anomaly_index": anomaly,
             "softmax_share": [round(v, 4) for v in soft.tolist()],
@@ -82,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         with OUT.open("a") as fh:
             fh.write(json.dumps(out) + "\n")
-        print(f"{key:>28} named {cls} ({anomaly})  softmax {out['softmax_share']}")
+        print(
+            f"{key:>28} named {cls} ({anomaly}), by share {out['named_by_share']}  "
+            f"softmax {out['softmax_share']}"
+        )
         print(f"{'':>28} {'':>12}  argmax  {out['argmax_share']}")
     return 0
 
