@@ -101,17 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--width", type=int, default=16, help="the zoo's width")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _meta = load_zoo_model(args.attack, args.mode, 16)
+    model, _meta = load_zoo_model(args.attack, args.mode, args.width)
     cc = CompressConfig(ratio=args.ratio, **METHOD_COMPRESS_DEFAULTS.get("cnc", {}))
     # the bias-shift rule as run, so that every refit below starts from the same student
     # (the preset's refit to the original where nothing is named is the variant
     # ``refit_original_ridge_0.1``)
     cfg = PurifyConfig.for_method("cnc", compress=cc, seed=args.seed)
     cfg = dataclasses.replace(cfg, prior_unnamed_ridge=None)
-    key = model_key(args.attack, args.mode)
+    key = model_key(args.attack, args.mode, args.width)
     synth, proxies = cached_inputs(model, cfg, key)
     res = purify(
         model,
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.eval_n
     out: dict[str, Any] = {"attack": key, "ratio": args.ratio, "seed": args.seed, "eval_n": n}
     out["corrected"], out["shift"] = rec["corrected"], rec["shift"]
+    # what the preset names (the refit to the original applies where this is empty)
+    out["named"], out["named_by_share"] = rec["spared"], rec["named_by_share"]
     out["original"] = _score(_predict(model, x[:n]), y[:n])
     out["as_run"] = _score(_predict(student, x[:n]), y[:n])
     bias, weight = head.bias.detach().clone(), head.weight.detach().clone()
