@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="purify knob=value (repeatable)")
     p.add_argument("--compress", action="append", default=[], help="CompressConfig field=value")
     p.add_argument("--tag", default="")
+    p.add_argument("--width", type=int, default=16, help="the zoo's width")
     p.add_argument("--save", default=None, help="write the purified model here (save_compact)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _meta = load_zoo_model(args.attack, args.mode, 16)
+    model, _meta = load_zoo_model(args.attack, args.mode, args.width)
     knobs = {}
     for item in args.set:
         k, _, v = item.partition("=")
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = METHOD_COMPRESS_DEFAULTS.get(args.method, {})
     cc = CompressConfig(ratio=args.ratio, **{**defaults, **cc_kwargs})
     cfg = PurifyConfig.from_knobs(method=args.method, compress=cc, seed=args.seed, knobs=knobs)
-    key = model_key(args.attack, args.mode)
+    key = model_key(args.attack, args.mode, args.width)
     t0 = time.perf_counter()
     synth = proxies = None
     if args.method.startswith("cnc"):
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(
             arch="resnet18",
             num_classes=10,
-            width=16,
+            width=args.width,
             mean=FASHION_MNIST_MEAN,
             std=FASHION_MNIST_STD,
         )
