@@ -374,9 +374,11 @@ class PurifyConfig:
     # more than this multiple of the uniform share (1 / classes) of its mean softmax mass on
     # the clean synthetic images. None: no class named so. Zoo models (10 classes, two
     # synthetic seeds; bench/original_shares.py): every all-to-one target 0.200-0.233,
-    # every class of the clean and all-to-all models at most 0.148 (explore-purify.md 4ae,
-    # 4af). A class named wrongly only keeps the bias-shift rule; a target missed gets its
-    # row refit to the original's logits, so the bar sits nearer the natural classes.
+    # every class of the clean and all-to-all models at most 0.148 (explore-purify.md 4ae);
+    # a width-8 zoo of another training seed, not fitted on: targets 0.194-0.253, one
+    # all-to-all model's class 6 at 0.161, the clean model at most 0.126 (4af). A class
+    # named wrongly only keeps the bias-shift rule; a target missed gets its row refit to
+    # the original's logits, so the bar sits nearer the natural classes.
     prior_name_share: float | None = None
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
