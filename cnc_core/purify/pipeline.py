@@ -1255,10 +1255,8 @@ def purify(
                 or config.prior_unnamed_ridge is not None
                 else None
             )
-            by_share = shared_targets(
-                None if original_logits is None else mean_softmax(original_logits),
-                config.prior_name_share,
-            )
+            original_share = None if original_logits is None else mean_softmax(original_logits)
+            by_share = shared_targets(original_share, config.prior_name_share)
             spared = sorted({*named_targets(config.prior_spare_named, proxies), *by_share})
             unnamed = config.prior_unnamed_ridge is not None and not spared
             reference_name = "original" if unnamed else config.prior_reference
@@ -1301,8 +1299,8 @@ def purify(
                     "name_share": config.prior_name_share,
                     "named_by_share": by_share,
                     "original_share": None
-                    if original_logits is None
-                    else [round(v, 4) for v in mean_softmax(original_logits).tolist()],
+                    if original_share is None
+                    else [round(v, 4) for v in original_share.tolist()],
                 }
                 if corrected is not None
                 else {"skipped": "the model has no classifier layer with a bias"}
