@@ -124,6 +124,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "cleaning_rounds": COUNT,
     "cleaning_max_flip": NULLABLE_GATE,
     "cleaning_min_agreement": GATE,
+    "cleaning_backoff": BOOL,
     "cleaning_min_mask_growth": NULLABLE_GATE,
     "cleaning_min_reach_cut": NULLABLE_GATE,
     "cleaning_all_to_all": BOOL,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,8 @@ from cnc_core.purify.sensitivity import (
     SENSITIVITY_ACTIONS,
     SensitivityConfig,
     SensitivityResult,
+    apply_suppression,
+    strongest_first,
     suppress_sensitive_ranks,
 )
 from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last, synthesize
@@ -183,6 +186,13 @@ class PurifyConfig:
     # images it collapsed just as hard at 0.506, so the bar sits at 0.65, below every correct
     # cleaning measured (0.70-0.92) and above both collapses (section 4h).
     cleaning_min_agreement: float = 0.65
+    # Where a round fails that bar, keep instead the longest part of it (its components
+    # strongest outlier first) that still meets it, and let the other guards judge that
+    # trimmed round. A round prunes at least one component of every layer with an outlier,
+    # a larger share of a narrow model: at width 8 every round of the w16-tuned preset was
+    # undone (BadNet all-to-one: 23 components, agreement 0.54, though the trigger's reach
+    # fell 0.99 -> 0.33; explore-purify.md 4ag). False: the whole round is undone.
+    cleaning_backoff: bool = False
     # Optional second guard (off): a cleaning round is undone (and cleaning stops) unless the
     # trigger re-inverted on the cleaned model needs a mask at least this many times larger
     # (L1) than before the round. Measured (session 9, explore-purify.md 4n): BadNet
@@ -633,6 +643,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "cleaning_max_fraction": ("teacher_cleaning", "max_fraction"),
     "cleaning_rounds": ("cleaning_rounds",),
     "cleaning_min_agreement": ("cleaning_min_agreement",),
+    "cleaning_backoff": ("cleaning_backoff",),
     "cleaning_min_mask_growth": ("cleaning_min_mask_growth",),
     "cleaning_max_flip": ("cleaning_max_flip",),
     "cleaning_min_reach_cut": ("cleaning_min_reach_cut",),
@@ -1459,15 +1470,23 @@ def _clean_teacher(
         flip_before = flip(cleaned, images)
         res = suppress_sensitive_ranks(cleaned, clean, images, cleaning_cfg)
         kept = agreement(cleaned, teacher, clean)
+        suppressed, backoff = res.num_suppressed, None
+        if config.cleaning_backoff and kept < config.cleaning_min_agreement:
+            backoff = {"planned": res.num_suppressed, "agreement_planned": kept}
+            suppressed, kept = _back_off(
+                cleaned, before, res, lambda: agreement(cleaned, teacher, clean), config
+            )
         rec: dict[str, Any] = {
-            "suppressed": res.num_suppressed,
+            "suppressed": suppressed,
             "agreement": kept,
             "flip_before": flip_before,
             "flip_after": flip(cleaned, images),
         }
+        if backoff is not None:
+            rec["backoff"] = backoff
         rounds.append(rec)
         undone = None
-        if kept < config.cleaning_min_agreement:
+        if kept < config.cleaning_min_agreement or suppressed == 0:
             undone = "agreement"
         elif config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
             undone = "flip"
@@ -1508,6 +1527,45 @@ def _clean_teacher(
         "trigger": kind,
         "target": target if kind != "all-to-all" else None,
     }
+
+
+def _back_off(
+    cleaned: nn.Module,
+    before: dict[str, Tensor],
+    planned: SensitivityResult,
+    kept: Callable[[], float],
+    config: PurifyConfig,
+) -> tuple[int, float]:
+    """Trim a cleaning round that failed the agreement bar (``PurifyConfig.cleaning_backoff``).
+
+    Of the round's ``planned`` components, suppress only the longest strongest-first prefix
+    after which ``kept()`` (agreement with the original) still reaches
+    ``config.cleaning_min_agreement``, found by bisection (agreement falls as more are
+    pruned). ``cleaned`` is reset to ``before`` and holds the trimmed round on return; the
+    number suppressed and the agreement are returned (0 components: the model before).
+    """
+    assert config.teacher_cleaning is not None
+    include_dense = config.teacher_cleaning.include_dense
+    order = strongest_first(planned)
+
+    def apply(k: int) -> float:
+        cleaned.load_state_dict(before)
+        chosen: dict[str, list[int]] = {}
+        factors: dict[str, list[float]] = {}
+        for name, i, f in order[:k]:
+            chosen.setdefault(name, []).append(i)
+            factors.setdefault(name, []).append(f)
+        apply_suppression(cleaned, chosen, factors, include_dense)
+        return kept()
+
+    lo, hi = 0, len(order)  # lo: meets the bar (the model before); hi: the round as planned
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if apply(mid) >= config.cleaning_min_agreement:
+            lo = mid
+        else:
+            hi = mid
+    return lo, apply(lo)
 
 
 def _all_to_all_trigger(

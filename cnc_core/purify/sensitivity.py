@@ -33,8 +33,10 @@ __all__ = [
     "SENSITIVITY_ACTIONS",
     "SensitivityConfig",
     "SensitivityResult",
+    "apply_suppression",
     "rank_components",
     "rank_sensitivity",
+    "strongest_first",
     "suppress_sensitive_ranks",
 ]
 
@@ -61,6 +63,9 @@ class SensitivityResult:
     scores: dict[str, list[float]] = field(default_factory=dict)
     suppressed: dict[str, list[int]] = field(default_factory=dict)
     factors: dict[str, list[float]] = field(default_factory=dict)
+    # per suppressed component, how far its score lies above its layer's median in robust
+    # standard deviations (MADs): the order in which a partial suppression takes them
+    strengths: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def num_suppressed(self) -> int:
@@ -152,16 +157,16 @@ def rank_sensitivity(
     }
 
 
-def _outliers(score: Tensor, config: SensitivityConfig) -> Tensor:
+def _outliers(score: Tensor, config: SensitivityConfig) -> tuple[Tensor, Tensor]:
+    """The outlier components' indices (sorted) and their strengths in MADs."""
     med = score.median()
-    mad = (score - med).abs().median() * 1.4826
-    idx = torch.nonzero(
-        (score > med + config.u * mad.clamp_min(1e-8)) & (score > config.min_score)
-    ).flatten()
+    mad = ((score - med).abs().median() * 1.4826).clamp_min(1e-8)
+    idx = torch.nonzero((score > med + config.u * mad) & (score > config.min_score)).flatten()
     cap = max(1, int(config.max_fraction * score.numel()))
     if idx.numel() > cap:
         idx = idx[torch.argsort(score[idx], descending=True)[:cap]]
-    return torch.sort(idx).values
+    idx = torch.sort(idx).values
+    return idx, (score[idx] - med) / mad
 
 
 def suppress_sensitive_ranks(
@@ -182,26 +187,54 @@ def suppress_sensitive_ranks(
     if config.action not in SENSITIVITY_ACTIONS:
         raise ValueError(f"action must be 'prune' or 'scale', not {config.action!r}")
     scores = rank_sensitivity(model, clean, proxies, config, progress=progress, stage=stage)
-    groups = rank_components(model, config.include_dense)
     result = SensitivityResult()
     with torch.no_grad():
         for name, score in scores.items():
             result.scores[name] = score.tolist()
-            idx = _outliers(score, config)
+            idx, strength = _outliers(score, config)
             if idx.numel() == 0:
                 continue
             # "scale" shrinks the response to the trigger back towards the clean magnitude
             f = torch.zeros(idx.numel()) if config.action == "prune" else 1.0 / (1.0 + score[idx])
-            module = groups[name]
-            weight = module.weight  # (out, ...)
-            assert isinstance(weight, Tensor)
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            weight[idx] *= f.to(weight.dtype).view(shape).to(weight.device)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, Tensor):
-                bias[idx] *= f.to(bias.dtype).to(bias.device)
             result.suppressed[name] = idx.tolist()
             result.factors[name] = f.tolist()
+            result.strengths[name] = strength.tolist()
+    apply_suppression(model, result.suppressed, result.factors, config.include_dense)
     if progress is not None:
         progress(stage, 1.0)
     return result
+
+
+def strongest_first(result: SensitivityResult) -> list[tuple[str, int, float]]:
+    """Every suppressed component of ``result`` as ``(group, index, factor)``, the strongest
+    outlier (most MADs above its layer's median) first."""
+    items = [
+        (strength, name, i, f)
+        for name, idx in result.suppressed.items()
+        for i, f, strength in zip(idx, result.factors[name], result.strengths[name], strict=True)
+    ]
+    items.sort(key=lambda t: -t[0])
+    return [(name, i, f) for _, name, i, f in items]
+
+
+@torch.no_grad()
+def apply_suppression(
+    model: nn.Module,
+    suppressed: dict[str, list[int]],
+    factors: dict[str, list[float]],
+    include_dense: bool,
+) -> None:
+    """Multiply each listed component's output channel by its factor (``model`` in place)."""
+    groups = rank_components(model, include_dense)
+    for name, idx_list in suppressed.items():
+        if not idx_list:
+            continue
+        module = groups[name]
+        weight = module.weight  # (out, ...)
+        assert isinstance(weight, Tensor)
+        idx = torch.tensor(idx_list, dtype=torch.long, device=weight.device)
+        f = torch.tensor(factors[name], dtype=weight.dtype, device=weight.device)
+        weight[idx] *= f.view((-1,) + (1,) * (weight.dim() - 1))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor):
+            bias[idx] *= f.to(bias.dtype)

@@ -16,7 +16,9 @@ from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, disputed_imag
 from cnc_core.purify.proxies import PROXY_KINDS, ProxySet
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
+    apply_suppression,
     rank_components,
+    strongest_first,
     suppress_sensitive_ranks,
 )
 from cnc_core.report_md import render_report
@@ -141,6 +143,54 @@ LOOSE_CLEANING = dict(
     cleaning_min_agreement=0,
     cleaning_max_flip=None,
 )
+
+
+def test_backoff_keeps_the_strongest_part_of_a_round_that_breaks_the_model() -> None:
+    """cleaning_backoff: a round below the agreement bar is trimmed (strongest outliers
+    first) to the part that meets the bar instead of being undone."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    full = purify(model, _config("cnc", **LOOSE_CLEANING), **kw)
+    planned = full.detection["teacher_cleaning"]["rounds"][0]
+    assert planned["agreement"] < 0.8  # the whole round (19 components) breaks the model
+    strict = dict(LOOSE_CLEANING, cleaning_min_agreement=0.8)
+    undone = purify(model, _config("cnc", **strict), **kw).detection["teacher_cleaning"]
+    assert undone["rounds"][0]["undone"] == "agreement" and undone["rounds_applied"] == 0
+    trimmed = purify(model, _config("cnc", **strict, cleaning_backoff=True), **kw)
+    cleaning = trimmed.detection["teacher_cleaning"]
+    rnd = cleaning["rounds"][0]
+    assert rnd["backoff"] == {
+        "planned": planned["suppressed"],
+        "agreement_planned": planned["agreement"],
+    }
+    assert 0 < rnd["suppressed"] < planned["suppressed"]
+    assert rnd["agreement"] >= 0.8 and "undone" not in rnd
+    assert cleaning["rounds_applied"] == 1
+    assert cleaning["agreement_with_original"] == rnd["agreement"]
+
+
+def test_strongest_first_orders_a_rounds_components_by_their_outlier_strength() -> None:
+    net = _tucker_net()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(40, 1, 8, 8, generator=g).repeat(1, 3, 1, 1)
+    proxies = clean.clone()
+    proxies[:, 0, -3:, -3:] = 1.5
+    res = suppress_sensitive_ranks(net, clean, proxies, SensitivityConfig(u=0.5, max_fraction=1))
+    order = strongest_first(res)
+    assert len(order) == res.num_suppressed > 1
+    assert order[0] == ("0.first", 0, 0.0)  # the planted trigger component leads
+    strengths = {
+        (n, i): s
+        for n in res.suppressed
+        for i, s in zip(res.suppressed[n], res.strengths[n], strict=True)
+    }
+    ranked = [strengths[(n, i)] for n, i, _ in order]
+    assert ranked == sorted(ranked, reverse=True) and min(ranked) > 0.5
+    # applying the listed factors again to a fresh copy reproduces the suppression
+    again = _tucker_net()
+    apply_suppression(again, res.suppressed, res.factors, include_dense=False)
+    assert torch.equal(again[0].first.weight, net[0].first.weight)
+    assert torch.equal(again[0].core.weight, net[0].core.weight)
 
 
 def test_cleaning_that_leaves_the_trigger_as_easy_to_reach_is_undone() -> None:
