@@ -126,6 +126,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "prior_head_ridge",
         "prior_unnamed_ridge",
         "prior_name_share",
+        "share_steers_inversion",
         "prior_avoided_below",
         "prior_spare_named",
         "refresh_every",
@@ -310,6 +311,7 @@ KNOB_LIMITS: dict[str, KnobLimit] = {
     "prior_head_ridge": KnobLimit("float", 0.0, 1000.0, nullable=True),
     "prior_unnamed_ridge": KnobLimit("float", 0.0, 1000.0, nullable=True),
     "prior_name_share": KnobLimit("float", 0.0, 1000.0, nullable=True, open_low=True),
+    "share_steers_inversion": KnobLimit("bool"),
     "prior_avoided_below": KnobLimit("float", 0.0, 1.0, nullable=True, open_low=True),
     "prior_spare_named": KnobLimit("float", -1000000000000.0, 1000000000000.0, nullable=True),
 }

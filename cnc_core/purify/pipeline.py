@@ -95,6 +95,7 @@ from cnc_core.purify.proxies import (
     mixed_stamp,
     perturbation_stamp,
     predict,
+    proxies_from_inversion,
     trigger_inversion,
     trigger_stamp,
 )
@@ -390,6 +391,14 @@ class PurifyConfig:
     # named wrongly only keeps the bias-shift rule; a target missed gets its row refit to
     # the original's logits, so the bar sits nearer the natural classes.
     prior_name_share: float | None = None
+    # Where Neural Cleanse is unsure (its anomaly index under the inversion's
+    # ``anomaly_threshold``) and that share rule names exactly one class, not Neural
+    # Cleanse's, the share's class becomes the suspected target before anything uses it:
+    # its inverted trigger is stamped on the proxies and drives the teacher cleaning. NC's
+    # unsure pick is a natural class where the share names the real target (InputAware
+    # all-to-one at width 8: NC 8 at anomaly 0.86, share 0 at 0.25; WaNet all-to-one at
+    # width 16: NC 6, share 0; explore-purify.md 4ag). Needs ``prior_name_share``.
+    share_steers_inversion: bool = False
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
     # Shift only the classes the student avoids: given less than this fraction of the
@@ -713,6 +722,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "prior_head_ridge": ("prior_head_ridge",),
     "prior_unnamed_ridge": ("prior_unnamed_ridge",),
     "prior_name_share": ("prior_name_share",),
+    "share_steers_inversion": ("share_steers_inversion",),
     "prior_correction": ("prior_correction",),
     "prior_reference": ("prior_reference",),
     "prior_max_shift": ("prior_max_shift",),
@@ -1017,6 +1027,11 @@ def purify(
                 num_classes=num_classes,
                 progress=plan.nested("proxies"),
             )
+        )
+    steered = _share_steer(teacher, clean, proxies, config)
+    if steered is not None:
+        proxies, detection["share_steer"] = _steer_inversion(
+            teacher, clean, proxies, steered, config, mean, std, num_classes
         )
     detection["proxy"] = {
         "kind": proxies.kind,
@@ -1813,6 +1828,61 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     if warp.get("passed"):
         named.add(int(warp["suspected_target"]))
     return sorted(named)
+
+
+def _share_steer(
+    teacher: nn.Module, clean: Tensor, proxies: ProxySet, config: PurifyConfig
+) -> tuple[int, float] | None:
+    """The class (and its share) that takes Neural Cleanse's place as the suspected target
+    (``PurifyConfig.share_steers_inversion``), or None where it keeps its place."""
+    inv = proxies.inversion
+    if not config.share_steers_inversion or inv is None or config.prior_name_share is None:
+        return None
+    if inv.anomaly_index >= config.proxy.inversion.anomaly_threshold:
+        return None
+    share = mean_softmax(logits_of(teacher, clean))
+    named = shared_targets(share, config.prior_name_share)
+    if len(named) != 1 or named[0] == inv.suspected_target or named[0] not in inv.classes:
+        return None
+    return named[0], float(share[named[0]])
+
+
+def _steer_inversion(
+    teacher: nn.Module,
+    clean: Tensor,
+    proxies: ProxySet,
+    steered: tuple[int, float],
+    config: PurifyConfig,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    num_classes: int,
+) -> tuple[ProxySet, dict[str, Any]]:
+    """The proxies re-stamped with the inverted trigger of the share's class, and the record
+    of the change (see ``PurifyConfig.share_steers_inversion``)."""
+    assert proxies.inversion is not None
+    inv, (target, share) = proxies.inversion, steered
+    record = {
+        "neural_cleanse": inv.suspected_target,
+        "anomaly_index": round(inv.anomaly_index, 4),
+        "target": target,
+        "share": round(share, 4),
+    }
+    index = inv.classes.index(target)
+    moved = dataclasses.replace(
+        inv, suspected_target=target, anomaly_index=inv.anomaly_indices[index]
+    )
+    restamped = proxies_from_inversion(
+        teacher,
+        clean,
+        moved,
+        use=config.proxy.inversion.use,
+        anomaly_threshold=config.proxy.inversion.anomaly_threshold,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        generator=torch.Generator(device="cpu").manual_seed(config.proxy.seed),
+    )
+    return restamped, record
 
 
 def shared_targets(original_share: Tensor | None, above: float | None) -> list[int]:

@@ -13,7 +13,7 @@ from cnc_core.layers import Tucker2Conv2d
 from cnc_core.models import create_model
 from cnc_core.progress import Cancelled
 from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, disputed_images, purify
-from cnc_core.purify.proxies import PROXY_KINDS, ProxySet
+from cnc_core.purify.proxies import PROXY_KINDS, ProxySet, make_proxies, proxies_from_inversion
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     apply_suppression,
@@ -1298,3 +1298,44 @@ def test_prior_unnamed_ridge_refits_to_the_original_only_where_nothing_is_named(
     assert rec["shift"][top] == 0.0 and rec["refit"] is None
     text = render_report({"detection": by_share.detection})
     assert f"Named by the original model's share of the synthetic images: class {top}" in text
+
+
+def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
+    """``share_steers_inversion``: where Neural Cleanse's anomaly index is under its
+    threshold and the original's share names one other class, that class's inverted trigger
+    is stamped and drives the cleaning; a confident Neural Cleanse keeps its class."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        share = torch.softmax(model(images), 1).mean(0)
+    top = int(share.argmax())
+    bar = 4 * float(share[top]) - 1e-3  # names the top class alone
+    knobs = dict(LOOSE_CLEANING, prior_name_share=bar, share_steers_inversion=True)
+    config = _config("cnc", **knobs)
+    found = make_proxies(model, images, config.proxy, mean=0.5, std=0.25)
+    assert found.inversion is not None
+    other = (top + 1) % 4
+
+    def unsure_on(cls: int, anomaly: float) -> ProxySet:
+        inv = dataclasses.replace(found.inversion, suspected_target=cls, anomaly_index=anomaly)
+        gen = torch.Generator().manual_seed(config.proxy.seed)
+        return proxies_from_inversion(model, images, inv, mean=0.5, std=0.25, generator=gen)
+
+    steered = purify(model, config, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
+    det = steered.detection
+    assert det["share_steer"]["neural_cleanse"] == other and det["share_steer"]["target"] == top
+    assert det["trigger_inversion"]["suspected_target"] == top
+    assert det["teacher_cleaning"]["target"] == top
+    # the same run as if Neural Cleanse had named the share's class itself
+    direct = purify(model, config, synthetic=images, proxies=unsure_on(top, 0.5), **kw)
+    assert "share_steer" not in direct.detection
+    x = torch.rand(8, 3, 16, 16)
+    assert torch.equal(steered.model(x), direct.model(x))
+    sure = purify(model, config, synthetic=images, proxies=unsure_on(other, 3.0), **kw)
+    assert "share_steer" not in sure.detection
+    assert sure.detection["teacher_cleaning"]["target"] == other
+    off = _config("cnc", **dict(knobs, share_steers_inversion=False))
+    plain = purify(model, off, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
+    assert "share_steer" not in plain.detection
+    assert plain.detection["teacher_cleaning"]["target"] == other
