@@ -102,6 +102,15 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 ),
             ),
         ]
+    steer = det.get("share_steer")
+    if steer:
+        lines += [
+            f"Neural Cleanse's pick, class {steer['neural_cleanse']}, was unsure (anomaly index "
+            f"{steer['anomaly_index']:.2f}); the original model gives class {steer['target']} "
+            f"{_pct(steer['share'])} of its mean softmax on the synthetic images, so class "
+            f"{steer['target']}'s inverted trigger was used as the suspected one.",
+            "",
+        ]
     cleaning = det.get("teacher_cleaning")
     if cleaning and cleaning.get("skipped"):
         lines += [f"Teacher cleaning: skipped; {cleaning['skipped']}.", ""]
@@ -147,9 +156,16 @@ def _detection(report: dict[str, Any]) -> list[str]:
                 verdict = "kept"
             growth = rnd.get("mask_growth")
             flips = (rnd.get("flip_before"), rnd.get("flip_after"))
+            backoff = rnd.get("backoff")
             lines.append(
                 f"- round {i}: {rnd.get('suppressed', 0)} channels pruned, agreement "
                 f"{_pct(rnd.get('agreement'))}"
+                + (
+                    f" (trimmed from {backoff['planned']} channels, which left agreement "
+                    f"{_pct(backoff['agreement_planned'])})"
+                    if backoff
+                    else ""
+                )
                 + (
                     f", stamped trigger reaches the target {_pct(flips[0])} -> {_pct(flips[1])}"
                     if None not in flips

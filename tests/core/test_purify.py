@@ -167,6 +167,8 @@ def test_backoff_keeps_the_strongest_part_of_a_round_that_breaks_the_model() -> 
     assert rnd["agreement"] >= 0.8 and "undone" not in rnd
     assert cleaning["rounds_applied"] == 1
     assert cleaning["agreement_with_original"] == rnd["agreement"]
+    text = render_report({"detection": trimmed.detection})
+    assert f"(trimmed from {planned['suppressed']} channels, which left agreement" in text
 
 
 def test_strongest_first_orders_a_rounds_components_by_their_outlier_strength() -> None:
@@ -1327,6 +1329,9 @@ def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
     assert det["share_steer"]["neural_cleanse"] == other and det["share_steer"]["target"] == top
     assert det["trigger_inversion"]["suspected_target"] == top
     assert det["teacher_cleaning"]["target"] == top
+    text = render_report({"detection": det})
+    assert f"Neural Cleanse's pick, class {other}, was unsure (anomaly index 0.50)" in text
+    assert f"so class {top}'s inverted trigger was used as the suspected one" in text
     # the same run as if Neural Cleanse had named the share's class itself
     direct = purify(model, config, synthetic=images, proxies=unsure_on(top, 0.5), **kw)
     assert "share_steer" not in direct.detection
