@@ -32,6 +32,7 @@ ADVANCED_KNOBS: frozenset[str] = frozenset(
         "t_scale",
         # purification (cnc_core.purify.pipeline.KNOBS)
         "all_to_all_batch",
+        "all_to_one_needs_share",
         "all_to_all_weight",
         "allocation_spectra",
         "augment",
@@ -312,6 +313,7 @@ KNOB_LIMITS: dict[str, KnobLimit] = {
     "prior_unnamed_ridge": KnobLimit("float", 0.0, 1000.0, nullable=True),
     "prior_name_share": KnobLimit("float", 0.0, 1000.0, nullable=True, open_low=True),
     "share_steers_inversion": KnobLimit("bool"),
+    "all_to_one_needs_share": KnobLimit("bool"),
     "prior_avoided_below": KnobLimit("float", 0.0, 1.0, nullable=True, open_low=True),
     "prior_spare_named": KnobLimit("float", -1000000000000.0, 1000000000000.0, nullable=True),
 }

@@ -168,6 +168,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "prior_unnamed_ridge": Limit("float", 0.0, 1e3, nullable=True),
     "prior_name_share": Limit("float", 0.0, 1e3, nullable=True, open_low=True),
     "share_steers_inversion": BOOL,
+    "all_to_one_needs_share": BOOL,
     "prior_avoided_below": Limit("float", 0.0, 1.0, nullable=True, open_low=True),
     "prior_spare_named": NULLABLE_GATE,
 }

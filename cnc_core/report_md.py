@@ -111,6 +111,15 @@ def _detection(report: dict[str, Any]) -> list[str]:
             f"{steer['target']}'s inverted trigger was used as the suspected one.",
             "",
         ]
+    unconfirmed = det.get("all_to_one_unconfirmed")
+    if unconfirmed:
+        lines += [
+            f"Neural Cleanse's class {unconfirmed['neural_cleanse']} has an all-to-one "
+            f"anomaly index ({unconfirmed['anomaly_index']:.2f}), but the original model gives "
+            f"it only {_pct(unconfirmed['share'])} of its mean softmax on the synthetic "
+            "images, as it would not an all-to-one target: the all-to-all searches ran.",
+            "",
+        ]
     cleaning = det.get("teacher_cleaning")
     if cleaning and cleaning.get("skipped"):
         lines += [f"Teacher cleaning: skipped; {cleaning['skipped']}.", ""]

@@ -299,6 +299,13 @@ class PurifyConfig:
     # was gated out on both); every all-to-all model 0.76-2.11 (explore-purify.md 4m).
     # Saves the stage (58 s at 2 threads on a 2-core EPYC) where it cannot be used.
     permutation_max_anomaly: float | None = 2.5
+    # Skip the searches on that anomaly index only where the original's share
+    # (``prior_name_share``) names Neural Cleanse's class too: an all-to-one target draws
+    # the synthetic images, a class an all-to-all trigger happens to reach cheaply does not.
+    # BadNet all-to-all at width 8 passed the 2.5 bar (class 8 at 4.24, its share 0.12), so
+    # the all-to-all searches never ran and 70% ASR stayed (explore-purify.md 4af, 4ag).
+    # False: the anomaly index alone decides.
+    all_to_one_needs_share: bool = False
     # Dynamic permutation trigger (:mod:`.dynamic`): where the one-pattern search above found
     # no permutation (searched and gated out) or only a blend restart's (which it then
     # replaces past its own gate, session 18), a small conv generator of per-image triggers
@@ -702,6 +709,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "permutation_min_flip": ("permutation_min_flip",),
     "permutation_min_targets": ("permutation_min_targets",),
     "permutation_max_anomaly": ("permutation_max_anomaly",),
+    "all_to_one_needs_share": ("all_to_one_needs_share",),
     "dynamic": ("dynamic",),  # False/None disables
     "dynamic_steps": ("dynamic", "steps"),
     "dynamic_l1": ("dynamic", "l1_weight"),
@@ -1028,7 +1036,8 @@ def purify(
                 progress=plan.nested("proxies"),
             )
         )
-    steered = _share_steer(teacher, clean, proxies, config)
+    share_named = _named_by_original_share(teacher, clean, proxies, config)
+    steered = _share_steer(proxies, share_named, config)
     if steered is not None:
         proxies, detection["share_steer"] = _steer_inversion(
             teacher, clean, proxies, steered, config, mean, std, num_classes
@@ -1056,11 +1065,25 @@ def purify(
         # the searches for triggers Neural Cleanse cannot invert (all-to-all, warp), skipped
         # where it names an all-to-one target
         anomaly = proxies.inversion.anomaly_index
+        nc_class = proxies.inversion.suspected_target
         limit = config.permutation_max_anomaly
+        all_to_one = limit is not None and anomaly >= limit
+        if (
+            all_to_one
+            and config.all_to_one_needs_share
+            and share_named is not None
+            and nc_class not in share_named[0]
+        ):
+            all_to_one = False
+            detection["all_to_one_unconfirmed"] = {
+                "neural_cleanse": nc_class,
+                "anomaly_index": round(anomaly, 4),
+                "share": round(float(share_named[1][nc_class]), 4),
+            }
         skipped = (
-            f"Neural Cleanse named class {proxies.inversion.suspected_target}"
+            f"Neural Cleanse named class {nc_class}"
             f" with anomaly index {anomaly:.2f} >= {limit:g} (an all-to-one target)"
-            if limit is not None and anomaly >= limit
+            if all_to_one
             else None
         )
         # each search in its own timed stage; its record (or why it was skipped) goes to
@@ -1830,18 +1853,31 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     return sorted(named)
 
 
-def _share_steer(
+def _named_by_original_share(
     teacher: nn.Module, clean: Tensor, proxies: ProxySet, config: PurifyConfig
+) -> tuple[list[int], Tensor] | None:
+    """The classes the original's share names (``PurifyConfig.prior_name_share``) and the
+    shares, where a rule before the searches reads them (``share_steers_inversion``,
+    ``all_to_one_needs_share``); None where none does or there is no inverted trigger."""
+    if proxies.inversion is None or config.prior_name_share is None:
+        return None
+    if not (config.share_steers_inversion or config.all_to_one_needs_share):
+        return None
+    share = mean_softmax(logits_of(teacher, clean))
+    return shared_targets(share, config.prior_name_share), share
+
+
+def _share_steer(
+    proxies: ProxySet, by_share: tuple[list[int], Tensor] | None, config: PurifyConfig
 ) -> tuple[int, float] | None:
     """The class (and its share) that takes Neural Cleanse's place as the suspected target
     (``PurifyConfig.share_steers_inversion``), or None where it keeps its place."""
     inv = proxies.inversion
-    if not config.share_steers_inversion or inv is None or config.prior_name_share is None:
+    if not config.share_steers_inversion or inv is None or by_share is None:
         return None
     if inv.anomaly_index >= config.proxy.inversion.anomaly_threshold:
         return None
-    share = mean_softmax(logits_of(teacher, clean))
-    named = shared_targets(share, config.prior_name_share)
+    named, share = by_share
     if len(named) != 1 or named[0] == inv.suspected_target or named[0] not in inv.classes:
         return None
     return named[0], float(share[named[0]])

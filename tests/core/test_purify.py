@@ -1344,3 +1344,42 @@ def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
     plain = purify(model, off, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
     assert "share_steer" not in plain.detection
     assert plain.detection["teacher_cleaning"]["target"] == other
+
+
+def test_all_to_one_skip_of_the_searches_needs_the_share_where_asked() -> None:
+    """``all_to_one_needs_share``: Neural Cleanse's anomaly index past
+    ``permutation_max_anomaly`` skips the all-to-all searches only where the original's
+    share names its class too."""
+    model = _model()
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        share = torch.softmax(model(images), 1).mean(0)
+    top = int(share.argmax())
+    knobs = dict(LOOSE_CLEANING, prior_name_share=4 * float(share[top]) - 1e-3)
+    config = _config("cnc", **knobs, all_to_one_needs_share=True)
+    found = make_proxies(model, images, config.proxy, mean=0.5, std=0.25)
+    assert found.inversion is not None
+    other = (top + 1) % 4
+
+    def sure_on(cls: int) -> ProxySet:
+        inv = dataclasses.replace(found.inversion, suspected_target=cls, anomaly_index=3.0)
+        gen = torch.Generator().manual_seed(config.proxy.seed)
+        return proxies_from_inversion(model, images, inv, mean=0.5, std=0.25, generator=gen)
+
+    ran = purify(model, config, synthetic=images, proxies=sure_on(other), **kw).detection
+    assert ran["all_to_one_unconfirmed"] == {
+        "neural_cleanse": other,
+        "anomaly_index": 3.0,
+        "share": round(float(share[other]), 4),
+    }
+    assert "skipped" not in ran["permutation_inversion"]
+    text = render_report({"detection": ran})
+    assert f"Neural Cleanse's class {other} has an all-to-one anomaly index (3.00)" in text
+    confirmed = purify(model, config, synthetic=images, proxies=sure_on(top), **kw).detection
+    assert "all_to_one_unconfirmed" not in confirmed
+    assert "an all-to-one target" in confirmed["permutation_inversion"]["skipped"]
+    off = _config("cnc", **knobs)
+    plain = purify(model, off, synthetic=images, proxies=sure_on(other), **kw).detection
+    assert "all_to_one_unconfirmed" not in plain
+    assert "an all-to-one target" in plain["permutation_inversion"]["skipped"]
