@@ -103,7 +103,15 @@ def _detection(report: dict[str, Any]) -> list[str]:
             ),
         ]
     steer = det.get("share_steer")
-    if steer:
+    if steer and steer.get("skipped"):
+        lines += [
+            f"The original model gives class {steer['target']} {_pct(steer['share'])} of its "
+            f"mean softmax on the synthetic images where Neural Cleanse's unsure pick is "
+            f"class {steer['neural_cleanse']}; its trigger was kept, since "
+            f"{steer['skipped']}.",
+            "",
+        ]
+    elif steer:
         lines += [
             f"Neural Cleanse's pick, class {steer['neural_cleanse']}, was unsure (anomaly index "
             f"{steer['anomaly_index']:.2f}); the original model gives class {steer['target']} "

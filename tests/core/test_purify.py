@@ -13,7 +13,13 @@ from cnc_core.layers import Tucker2Conv2d
 from cnc_core.models import create_model
 from cnc_core.progress import Cancelled
 from cnc_core.purify.pipeline import KNOBS, METHODS, PurifyConfig, disputed_images, purify
-from cnc_core.purify.proxies import PROXY_KINDS, ProxySet, make_proxies, proxies_from_inversion
+from cnc_core.purify.proxies import (
+    PROXY_KINDS,
+    ProxySet,
+    apply_trigger,
+    make_proxies,
+    proxies_from_inversion,
+)
 from cnc_core.purify.sensitivity import (
     SensitivityConfig,
     apply_suppression,
@@ -1327,16 +1333,23 @@ def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
     steered = purify(model, config, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
     det = steered.detection
     assert det["share_steer"]["neural_cleanse"] == other and det["share_steer"]["target"] == top
-    assert det["trigger_inversion"]["suspected_target"] == top
-    assert det["teacher_cleaning"]["target"] == top
+    assert det["trigger_inversion"]["suspected_target"] == other  # Neural Cleanse's own
+    assert steered.suspected_target == top and det["teacher_cleaning"]["target"] == top
     text = render_report({"detection": det})
     assert f"Neural Cleanse's pick, class {other}, was unsure (anomaly index 0.50)" in text
     assert f"so class {top}'s inverted trigger was used as the suspected one" in text
-    # the same run as if Neural Cleanse had named the share's class itself
+    # the proxies carry the share's class's inverted trigger in place of Neural Cleanse's
+    from cnc_core.purify.pipeline import _steer_inversion
+
+    moved, _ = _steer_inversion(images, unsure_on(other, 0.5), (top, 0.3), config, 0.5, 0.25)
+    inv = found.inversion
+    expected = apply_trigger(
+        images, inv.masks[top : top + 1], inv.patterns[top : top + 1], mean=0.5, std=0.25
+    )
+    assert torch.equal(moved.images, expected) and moved.suspected_target == top
+    # no steering where Neural Cleanse names the share's class itself
     direct = purify(model, config, synthetic=images, proxies=unsure_on(top, 0.5), **kw)
     assert "share_steer" not in direct.detection
-    x = torch.rand(8, 3, 16, 16)
-    assert torch.equal(steered.model(x), direct.model(x))
     sure = purify(model, config, synthetic=images, proxies=unsure_on(other, 3.0), **kw)
     assert "share_steer" not in sure.detection
     assert sure.detection["teacher_cleaning"]["target"] == other
@@ -1344,6 +1357,15 @@ def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
     plain = purify(model, off, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
     assert "share_steer" not in plain.detection
     assert plain.detection["teacher_cleaning"]["target"] == other
+    # a warp past its gate (here any warp) is the stronger evidence: no steering
+    warped = _config("cnc", **knobs, warp_min_reach=0.0, warp_use="finetune")
+    kept = purify(model, warped, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
+    det = kept.detection
+    assert det["warp_inversion"]["passed"]
+    assert det["share_steer"]["skipped"].startswith("a warp past its gate names class")
+    assert det["teacher_cleaning"]["target"] == other
+    text = render_report({"detection": det})
+    assert f"where Neural Cleanse's unsure pick is class {other}; its trigger was kept" in text
 
 
 def test_all_to_one_skip_of_the_searches_needs_the_share_where_asked() -> None:
