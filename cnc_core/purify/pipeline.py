@@ -595,6 +595,16 @@ class PurifyConfig:
             # refit to the original's logits (session 27, explore-purify.md 4af)
             prior_name_share=1.5,
             prior_unnamed_ridge=0.1,
+            # session 28 (explore-purify.md 4ag, a width-8 zoo, 3x, 2,000 test images): a
+            # cleaning round below the agreement bar trimmed to its strongest part that
+            # meets it (BadNet all-to-one 78.95 / 17.90 -> 81.35 / 4.10) ...
+            cleaning_backoff=True,
+            # ... and where Neural Cleanse is unsure and the share names one other class, no
+            # warp past its gate, the share's class is the suspected target (InputAware
+            # all-to-one 81.85 / 97.50 -> 81.20 / 8.00). No width-16 row is touched: every
+            # round there kept >= 0.81 agreement, and the one model whose share and Neural
+            # Cleanse disagree (WaNet all-to-one) has a warp past its gate
+            share_steers_inversion=True,
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",

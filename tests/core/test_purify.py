@@ -1251,6 +1251,9 @@ def test_shared_targets_names_the_classes_the_original_favours() -> None:
     assert shared_targets(share, 1.3) == []
     assert shared_targets(None, 1.1) == [] and shared_targets(share, None) == []
     assert PurifyConfig.for_method("cnc").prior_name_share == 1.5
+    assert PurifyConfig.for_method("cnc").share_steers_inversion is True
+    assert PurifyConfig.for_method("cnc").cleaning_backoff is True
+    assert PurifyConfig.for_method("cnc").all_to_one_needs_share is False
 
 
 def test_prior_unnamed_ridge_refits_to_the_original_only_where_nothing_is_named() -> None:
