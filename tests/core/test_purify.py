@@ -58,12 +58,19 @@ def _tucker_net() -> nn.Module:
     return nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-def test_sensitivity_prunes_planted_trigger_component() -> None:
-    net = _tucker_net()
+def _planted_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey images (channels equal) and the same with a patch on channel 0 only: what
+    :func:`_tucker_net`'s planted component reads."""
     g = torch.Generator().manual_seed(1)
     clean = torch.rand(40, 1, 8, 8, generator=g).repeat(1, 3, 1, 1)
     proxies = clean.clone()
     proxies[:, 0, -3:, -3:] = 1.5
+    return clean, proxies
+
+
+def test_sensitivity_prunes_planted_trigger_component() -> None:
+    net = _tucker_net()
+    clean, proxies = _planted_pair()
     assert set(rank_components(net)) == {"0.core", "0.first"}
     res = suppress_sensitive_ranks(net, clean, proxies, SensitivityConfig(u=3.0))
     assert res.suppressed["0.first"] == [0]
@@ -117,7 +124,9 @@ def test_cleaning_that_breaks_the_model_is_undone() -> None:
     loose = dict(detect=False, cleaning_u=0.5, cleaning_max_fraction=0.5)  # prune something
     guarded = purify(model, _config("cnc", **loose, cleaning_min_agreement=1.01), **kw)
     rounds = guarded.detection["teacher_cleaning"]["rounds"]
-    assert rounds[0]["suppressed"] > 0 and rounds[0]["undone"]
+    # no part of the round meets a bar over 1: the preset's backoff trims it to nothing
+    assert rounds[0]["backoff"]["planned"] > 0 and rounds[0]["suppressed"] == 0
+    assert rounds[0]["undone"] == "agreement"
     assert guarded.detection["teacher_cleaning"]["rounds_applied"] == 0
     assert guarded.detection["teacher_cleaning"]["agreement_with_original"] == 1.0
     assert guarded.detection["finetune_selection"].startswith("last epoch")
@@ -160,9 +169,10 @@ def test_backoff_keeps_the_strongest_part_of_a_round_that_breaks_the_model() -> 
     planned = full.detection["teacher_cleaning"]["rounds"][0]
     assert planned["agreement"] < 0.8  # the whole round (19 components) breaks the model
     strict = dict(LOOSE_CLEANING, cleaning_min_agreement=0.8)
-    undone = purify(model, _config("cnc", **strict), **kw).detection["teacher_cleaning"]
+    whole = _config("cnc", **strict, cleaning_backoff=False)
+    undone = purify(model, whole, **kw).detection["teacher_cleaning"]
     assert undone["rounds"][0]["undone"] == "agreement" and undone["rounds_applied"] == 0
-    trimmed = purify(model, _config("cnc", **strict, cleaning_backoff=True), **kw)
+    trimmed = purify(model, _config("cnc", **strict), **kw)  # the preset's backoff
     cleaning = trimmed.detection["teacher_cleaning"]
     rnd = cleaning["rounds"][0]
     assert rnd["backoff"] == {
@@ -179,10 +189,7 @@ def test_backoff_keeps_the_strongest_part_of_a_round_that_breaks_the_model() -> 
 
 def test_strongest_first_orders_a_rounds_components_by_their_outlier_strength() -> None:
     net = _tucker_net()
-    g = torch.Generator().manual_seed(1)
-    clean = torch.rand(40, 1, 8, 8, generator=g).repeat(1, 3, 1, 1)
-    proxies = clean.clone()
-    proxies[:, 0, -3:, -3:] = 1.5
+    clean, proxies = _planted_pair()
     res = suppress_sensitive_ranks(net, clean, proxies, SensitivityConfig(u=0.5, max_fraction=1))
     order = strongest_first(res)
     assert len(order) == res.num_suppressed > 1
@@ -1311,27 +1318,51 @@ def test_prior_unnamed_ridge_refits_to_the_original_only_where_nothing_is_named(
     assert f"Named by the original model's share of the synthetic images: class {top}" in text
 
 
-def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
-    """``share_steers_inversion``: where Neural Cleanse's anomaly index is under its
-    threshold and the original's share names one other class, that class's inverted trigger
-    is stamped and drives the cleaning; a confident Neural Cleanse keeps its class."""
+@dataclasses.dataclass
+class _ShareCase:
+    """A tiny model, fixed synthetic images, the class its share favours (``top``) named
+    alone by a ``prior_name_share`` bar just under it, another class, and proxies built as
+    if Neural Cleanse had named a given class at a given anomaly index."""
+
+    model: nn.Module
+    images: torch.Tensor
+    share: torch.Tensor
+    top: int
+    other: int
+    knobs: dict[str, object]
+    found: ProxySet
+
+    def named(self, cls: int, anomaly: float) -> ProxySet:
+        assert self.found.inversion is not None
+        inv = dataclasses.replace(self.found.inversion, suspected_target=cls, anomaly_index=anomaly)
+        gen = torch.Generator().manual_seed(_config("cnc").proxy.seed)
+        return proxies_from_inversion(
+            self.model, self.images, inv, mean=0.5, std=0.25, generator=gen
+        )
+
+
+def _share_case() -> _ShareCase:
     model = _model()
-    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
     images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         share = torch.softmax(model(images), 1).mean(0)
     top = int(share.argmax())
-    bar = 4 * float(share[top]) - 1e-3  # names the top class alone
-    knobs = dict(LOOSE_CLEANING, prior_name_share=bar, share_steers_inversion=True)
-    config = _config("cnc", **knobs)
-    found = make_proxies(model, images, config.proxy, mean=0.5, std=0.25)
-    assert found.inversion is not None
-    other = (top + 1) % 4
+    knobs = dict(LOOSE_CLEANING, prior_name_share=4 * float(share[top]) - 1e-3)
+    found = make_proxies(model, images, _config("cnc", **knobs).proxy, mean=0.5, std=0.25)
+    return _ShareCase(model, images, share, top, (top + 1) % 4, knobs, found)
 
-    def unsure_on(cls: int, anomaly: float) -> ProxySet:
-        inv = dataclasses.replace(found.inversion, suspected_target=cls, anomaly_index=anomaly)
-        gen = torch.Generator().manual_seed(config.proxy.seed)
-        return proxies_from_inversion(model, images, inv, mean=0.5, std=0.25, generator=gen)
+
+def test_share_steers_neural_cleanse_where_it_is_unsure() -> None:
+    """``share_steers_inversion``: where Neural Cleanse's anomaly index is under its
+    threshold and the original's share names one other class, that class's inverted trigger
+    is stamped and drives the cleaning; a confident Neural Cleanse keeps its class."""
+    case = _share_case()
+    model, images, top, other, found = case.model, case.images, case.top, case.other, case.found
+    assert found.inversion is not None
+    kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    knobs = dict(case.knobs, share_steers_inversion=True)
+    config = _config("cnc", **knobs)
+    unsure_on = case.named
 
     steered = purify(model, config, synthetic=images, proxies=unsure_on(other, 0.5), **kw)
     det = steered.detection
@@ -1375,22 +1406,14 @@ def test_all_to_one_skip_of_the_searches_needs_the_share_where_asked() -> None:
     """``all_to_one_needs_share``: Neural Cleanse's anomaly index past
     ``permutation_max_anomaly`` skips the all-to-all searches only where the original's
     share names its class too."""
-    model = _model()
+    case = _share_case()
+    model, images, share, top, other = case.model, case.images, case.share, case.top, case.other
     kw = dict(mean=0.5, std=0.25, input_shape=(3, 16, 16))
-    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        share = torch.softmax(model(images), 1).mean(0)
-    top = int(share.argmax())
-    knobs = dict(LOOSE_CLEANING, prior_name_share=4 * float(share[top]) - 1e-3)
+    knobs = case.knobs
     config = _config("cnc", **knobs, all_to_one_needs_share=True)
-    found = make_proxies(model, images, config.proxy, mean=0.5, std=0.25)
-    assert found.inversion is not None
-    other = (top + 1) % 4
 
     def sure_on(cls: int) -> ProxySet:
-        inv = dataclasses.replace(found.inversion, suspected_target=cls, anomaly_index=3.0)
-        gen = torch.Generator().manual_seed(config.proxy.seed)
-        return proxies_from_inversion(model, images, inv, mean=0.5, std=0.25, generator=gen)
+        return case.named(cls, 3.0)
 
     ran = purify(model, config, synthetic=images, proxies=sure_on(other), **kw).detection
     assert ran["all_to_one_unconfirmed"] == {
