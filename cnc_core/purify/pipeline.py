@@ -1045,7 +1045,9 @@ def purify(
                 progress=plan.nested("proxies"),
             )
         )
-    share_named = _named_by_original_share(teacher, clean, proxies, config)
+    # the original's logits on the synthetic images, computed once where a rule reads them
+    original_logits = logits_of(teacher, clean) if _reads_original(config, proxies) else None
+    share_named = _named_by_original_share(original_logits, proxies, config)
     detection["proxy"] = {
         "kind": proxies.kind,
         "suspected_target": proxies.suspected_target,
@@ -1306,13 +1308,6 @@ def purify(
     reference_logits = None
     if config.prior_correction > 0:
         with plan.stage("prior"):
-            original_logits = (
-                logits_of(teacher, clean)
-                if config.prior_reference == "original"
-                or config.prior_name_share is not None
-                or config.prior_unnamed_ridge is not None
-                else None
-            )
             original_share = None if original_logits is None else mean_softmax(original_logits)
             by_share = shared_targets(original_share, config.prior_name_share)
             spared = sorted({*named_targets(config.prior_spare_named, proxies), *by_share})
@@ -1862,17 +1857,32 @@ def named_targets(min_anomaly: float | None, proxies: ProxySet) -> list[int]:
     return sorted(named)
 
 
+def _share_read_early(config: PurifyConfig, proxies: ProxySet) -> bool:
+    """Whether a rule before the searches reads the original's share
+    (``share_steers_inversion``, ``all_to_one_needs_share``)."""
+    early = config.share_steers_inversion or config.all_to_one_needs_share
+    return early and config.prior_name_share is not None and proxies.inversion is not None
+
+
+def _reads_original(config: PurifyConfig, proxies: ProxySet) -> bool:
+    """Whether any stage reads the original model's logits on the synthetic images: the
+    rules before the searches, or the class-prior correction's share naming and reference."""
+    prior = config.prior_correction > 0 and (
+        config.prior_reference == "original"
+        or config.prior_name_share is not None
+        or config.prior_unnamed_ridge is not None
+    )
+    return prior or _share_read_early(config, proxies)
+
+
 def _named_by_original_share(
-    teacher: nn.Module, clean: Tensor, proxies: ProxySet, config: PurifyConfig
+    original_logits: Tensor | None, proxies: ProxySet, config: PurifyConfig
 ) -> tuple[list[int], Tensor] | None:
     """The classes the original's share names (``PurifyConfig.prior_name_share``) and the
-    shares, where a rule before the searches reads them (``share_steers_inversion``,
-    ``all_to_one_needs_share``); None where none does or there is no inverted trigger."""
-    if proxies.inversion is None or config.prior_name_share is None:
+    shares, where a rule before the searches reads them; None where none does."""
+    if original_logits is None or not _share_read_early(config, proxies):
         return None
-    if not (config.share_steers_inversion or config.all_to_one_needs_share):
-        return None
-    share = mean_softmax(logits_of(teacher, clean))
+    share = mean_softmax(original_logits)
     return shared_targets(share, config.prior_name_share), share
 
 
