@@ -186,12 +186,15 @@ class PurifyConfig:
     # images it collapsed just as hard at 0.506, so the bar sits at 0.65, below every correct
     # cleaning measured (0.70-0.92) and above both collapses (section 4h).
     cleaning_min_agreement: float = 0.65
-    # Where a round fails that bar, keep instead the longest part of it (its components
-    # strongest outlier first) that still meets it, and let the other guards judge that
-    # trimmed round. A round prunes at least one component of every layer with an outlier,
-    # a larger share of a narrow model: at width 8 every round of the w16-tuned preset was
-    # undone (BadNet all-to-one: 23 components, agreement 0.54, though the trigger's reach
-    # fell 0.99 -> 0.33; explore-purify.md 4ag). False: the whole round is undone.
+    # Where a round fails that bar and its target is named with evidence (Neural Cleanse's
+    # anomaly index past its threshold, a warp past its gate, or the original's share),
+    # keep instead the longest part of it (its components strongest outlier first) that
+    # still meets it, and let the other guards judge that trimmed round. A round prunes at
+    # least one component of every layer with an outlier, a larger share of a narrow model:
+    # at width 8 every round of the w16-tuned preset was undone (BadNet all-to-one: 23
+    # components, agreement 0.54, though the trigger's reach fell 0.99 -> 0.33;
+    # explore-purify.md 4ag). On a class nothing names (a clean model's natural class) the
+    # trimmed round only costs accuracy. False: the whole round is undone.
     cleaning_backoff: bool = False
     # Optional second guard (off): a cleaning round is undone (and cleaning stops) unless the
     # trigger re-inverted on the cleaned model needs a mask at least this many times larger
@@ -1139,7 +1142,15 @@ def purify(
     ):
         with plan.stage("cleaning"):
             kd_teacher, cleaning = _clean_teacher(
-                teacher, clean, proxies, config, mean, std, num_classes, plan.nested("cleaning")
+                teacher,
+                clean,
+                proxies,
+                config,
+                mean,
+                std,
+                num_classes,
+                plan.nested("cleaning"),
+                evidenced=_evidenced_targets(config, proxies, original_logits),
             )
         detection["teacher_cleaning"] = cleaning
         # The guard undid the cleaning: the inverted trigger is likely the wrong class, so the
@@ -1455,8 +1466,12 @@ def _clean_teacher(
     std: float | tuple[float, ...],
     num_classes: int,
     progress: ProgressFn,
+    evidenced: frozenset[int] = frozenset(),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune the trigger-sensitive channels of a copy of ``teacher`` (see PurifyConfig).
+
+    ``evidenced``: the classes named as the target with evidence (:func:`_evidenced_targets`);
+    only a round whose target is one of them may be trimmed (``cleaning_backoff``).
 
     A round that leaves the model agreeing with ``teacher`` on fewer than
     ``config.cleaning_min_agreement`` of the clean synthetic images is undone and ends the
@@ -1513,7 +1528,8 @@ def _clean_teacher(
         res = suppress_sensitive_ranks(cleaned, clean, images, cleaning_cfg)
         kept = agreement(cleaned, teacher, clean)
         suppressed, backoff = res.num_suppressed, None
-        if config.cleaning_backoff and kept < config.cleaning_min_agreement:
+        trim = config.cleaning_backoff and kind != "all-to-all" and target in evidenced
+        if trim and kept < config.cleaning_min_agreement:
             backoff = {"planned": res.num_suppressed, "agreement_planned": kept}
             suppressed, kept = _back_off(
                 cleaned, before, res, lambda: agreement(cleaned, teacher, clean), config
@@ -1569,6 +1585,21 @@ def _clean_teacher(
         "trigger": kind,
         "target": target if kind != "all-to-all" else None,
     }
+
+
+def _evidenced_targets(
+    config: PurifyConfig, proxies: ProxySet, original_logits: Tensor | None
+) -> frozenset[int]:
+    """The classes named as the backdoor target with evidence, for ``cleaning_backoff``:
+    Neural Cleanse's (or the share-steered) class at an anomaly index past the inversion's
+    threshold, the class of a warp past its gate, and the classes the original's share names
+    (``prior_name_share``). A trimmed round on a class nothing names is a cleaning of a
+    natural class: a clean width-8 model kept 8 of 10 channels of one and lost 3.05 points
+    (82.70 -> 79.65, explore-purify.md 4ag)."""
+    named = set(named_targets(config.proxy.inversion.anomaly_threshold, proxies))
+    if original_logits is not None:
+        named.update(shared_targets(mean_softmax(original_logits), config.prior_name_share))
+    return frozenset(named)
 
 
 def _back_off(
@@ -1866,13 +1897,19 @@ def _share_read_early(config: PurifyConfig, proxies: ProxySet) -> bool:
 
 def _reads_original(config: PurifyConfig, proxies: ProxySet) -> bool:
     """Whether any stage reads the original model's logits on the synthetic images: the
-    rules before the searches, or the class-prior correction's share naming and reference."""
+    rules before the searches, the cleaning's backoff (the share names its targets), or the
+    class-prior correction's share naming and reference."""
     prior = config.prior_correction > 0 and (
         config.prior_reference == "original"
         or config.prior_name_share is not None
         or config.prior_unnamed_ridge is not None
     )
-    return prior or _share_read_early(config, proxies)
+    backoff = (
+        config.cleaning_backoff
+        and config.teacher_cleaning is not None
+        and config.prior_name_share is not None
+    )
+    return prior or backoff or _share_read_early(config, proxies)
 
 
 def _named_by_original_share(
