@@ -599,8 +599,9 @@ class PurifyConfig:
             prior_name_share=1.5,
             prior_unnamed_ridge=0.1,
             # session 28 (explore-purify.md 4ag, a width-8 zoo, 3x, 2,000 test images): a
-            # cleaning round below the agreement bar trimmed to its strongest part that
-            # meets it (BadNet all-to-one 78.95 / 17.90 -> 81.35 / 4.10) ...
+            # cleaning round below the agreement bar, on a target named with evidence,
+            # trimmed to its strongest part that meets it (BadNet all-to-one 78.95 / 17.90
+            # -> 81.35 / 4.10) ...
             cleaning_backoff=True,
             # ... and where Neural Cleanse is unsure and the share names one other class, no
             # warp past its gate, the share's class is the suspected target (InputAware
