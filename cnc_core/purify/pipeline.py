@@ -401,12 +401,14 @@ class PurifyConfig:
     # the original's logits, so the bar sits nearer the natural classes.
     prior_name_share: float | None = None
     # Where Neural Cleanse is unsure (its anomaly index under the inversion's
-    # ``anomaly_threshold``) and that share rule names exactly one class, not Neural
-    # Cleanse's, the share's class becomes the suspected target before anything uses it:
-    # its inverted trigger is stamped on the proxies and drives the teacher cleaning. NC's
-    # unsure pick is a natural class where the share names the real target (InputAware
-    # all-to-one at width 8: NC 8 at anomaly 0.86, share 0 at 0.25; WaNet all-to-one at
-    # width 16: NC 6, share 0; explore-purify.md 4ag). Needs ``prior_name_share``.
+    # ``anomaly_threshold``), that share rule names exactly one class, not Neural
+    # Cleanse's, and no warp passed its gate, the share's class becomes the suspected target
+    # after the searches: its inverted trigger is stamped on the proxies and drives the
+    # teacher cleaning and the unlearning. NC's unsure pick is a natural class where the
+    # share names the real target (InputAware all-to-one at width 8: NC 6 at anomaly 0.98,
+    # share 0 at 0.24). A warp past its gate is the stronger evidence (WaNet all-to-one at
+    # width 16, NC 6, share and warp 0: steered all the same, 86.95 / 1.90 -> 52.30 /
+    # 62.75; explore-purify.md 4ag). Needs ``prior_name_share``.
     share_steers_inversion: bool = False
     prior_reference: str = "cleaned"
     prior_max_shift: float = 3.0
@@ -1051,7 +1053,14 @@ def purify(
         )
     # the original's logits on the synthetic images, computed once where a rule reads them
     original_logits = logits_of(teacher, clean) if _reads_original(config, proxies) else None
-    share_named = _named_by_original_share(original_logits, proxies, config)
+    original_share = None if original_logits is None else mean_softmax(original_logits)
+    by_share = shared_targets(original_share, config.prior_name_share)
+    # the classes the share names and the shares, where a rule before the searches reads them
+    share_named = (
+        (by_share, original_share)
+        if original_share is not None and _share_read_early(config, proxies)
+        else None
+    )
     detection["proxy"] = {
         "kind": proxies.kind,
         "suspected_target": proxies.suspected_target,
@@ -1151,7 +1160,7 @@ def purify(
                 std,
                 num_classes,
                 plan.nested("cleaning"),
-                evidenced=_evidenced_targets(config, proxies, original_logits),
+                evidenced=_evidenced_targets(config, proxies, by_share),
             )
         detection["teacher_cleaning"] = cleaning
         # The guard undid the cleaning: the inverted trigger is likely the wrong class, so the
@@ -1320,8 +1329,6 @@ def purify(
     reference_logits = None
     if config.prior_correction > 0:
         with plan.stage("prior"):
-            original_share = None if original_logits is None else mean_softmax(original_logits)
-            by_share = shared_targets(original_share, config.prior_name_share)
             spared = sorted({*named_targets(config.prior_spare_named, proxies), *by_share})
             unnamed = config.prior_unnamed_ridge is not None and not spared
             reference_name = "original" if unnamed else config.prior_reference
@@ -1589,18 +1596,15 @@ def _clean_teacher(
 
 
 def _evidenced_targets(
-    config: PurifyConfig, proxies: ProxySet, original_logits: Tensor | None
+    config: PurifyConfig, proxies: ProxySet, by_share: list[int]
 ) -> frozenset[int]:
     """The classes named as the backdoor target with evidence, for ``cleaning_backoff``:
     Neural Cleanse's (or the share-steered) class at an anomaly index past the inversion's
-    threshold, the class of a warp past its gate, and the classes the original's share names
-    (``prior_name_share``). A trimmed round on a class nothing names is a cleaning of a
-    natural class: a clean width-8 model kept 8 of 10 channels of one and lost 3.05 points
-    (82.70 -> 79.65, explore-purify.md 4ag)."""
-    named = set(named_targets(config.proxy.inversion.anomaly_threshold, proxies))
-    if original_logits is not None:
-        named.update(shared_targets(mean_softmax(original_logits), config.prior_name_share))
-    return frozenset(named)
+    threshold, the class of a warp past its gate, and ``by_share``, the classes the
+    original's share names (``prior_name_share``). A trimmed round on a class nothing names
+    is a cleaning of a natural class: a clean width-8 model kept 8 of 10 channels of one and
+    lost 3.05 points (82.70 -> 79.65, explore-purify.md 4ag)."""
+    return frozenset({*named_targets(config.proxy.inversion.anomaly_threshold, proxies), *by_share})
 
 
 def _back_off(
@@ -1911,17 +1915,6 @@ def _reads_original(config: PurifyConfig, proxies: ProxySet) -> bool:
         and config.prior_name_share is not None
     )
     return prior or backoff or _share_read_early(config, proxies)
-
-
-def _named_by_original_share(
-    original_logits: Tensor | None, proxies: ProxySet, config: PurifyConfig
-) -> tuple[list[int], Tensor] | None:
-    """The classes the original's share names (``PurifyConfig.prior_name_share``) and the
-    shares, where a rule before the searches reads them; None where none does."""
-    if original_logits is None or not _share_read_early(config, proxies):
-        return None
-    share = mean_softmax(original_logits)
-    return shared_targets(share, config.prior_name_share), share
 
 
 def _share_steer(
