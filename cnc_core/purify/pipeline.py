@@ -1552,7 +1552,7 @@ def _clean_teacher(
             rec["backoff"] = backoff
         rounds.append(rec)
         undone = None
-        if kept < config.cleaning_min_agreement or suppressed == 0:
+        if kept < config.cleaning_min_agreement or (backoff is not None and suppressed == 0):
             undone = "agreement"
         elif config.cleaning_max_flip is not None and rec["flip_after"] > config.cleaning_max_flip:
             undone = "flip"

@@ -161,6 +161,17 @@ LOOSE_CLEANING = dict(
 )
 
 
+def test_a_round_that_finds_no_outlier_is_kept_not_undone() -> None:
+    """A round with nothing past the outlier bar leaves the model as it was and is kept
+    (the trigger stays trusted); only a round the backoff trims to nothing is undone."""
+    res = purify(_model(), _config("cnc"), mean=0.5, std=0.25, input_shape=(3, 16, 16))
+    cleaning = res.detection["teacher_cleaning"]
+    rnd = cleaning["rounds"][0]
+    assert rnd["suppressed"] == 0 and rnd["agreement"] == 1.0
+    assert "undone" not in rnd and "backoff" not in rnd
+    assert cleaning["rounds_applied"] == 1
+
+
 def test_backoff_keeps_the_strongest_part_of_a_round_that_breaks_the_model() -> None:
     """cleaning_backoff: a round below the agreement bar whose target is named with
     evidence is trimmed (strongest outliers first) to the part that meets the bar instead
