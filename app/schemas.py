@@ -220,6 +220,19 @@ class CallbackOut(BaseModel):
     error: str | None = None
 
 
+class ResidualCheckOut(BaseModel):
+    """Neural Cleanse re-run on the purified model (method ``cnc``; README, "Residual
+    check"). ``verdict`` "outlier": a class still has an anomalously small trigger, the
+    removal is unconfirmed; "none": no class stands out (evidence, not proof: an all-to-all
+    backdoor gives no outlier even before purification)."""
+
+    verdict: Literal["outlier", "none"]
+    suspect_class: int | None = None
+    anomaly_index: float | None = None
+    anomaly_threshold: float | None = None
+    acted_on: int | None = None
+
+
 class JobOut(BaseModel):
     id: uuid.UUID
     status: str
@@ -238,6 +251,7 @@ class JobOut(BaseModel):
     updated_at: datetime
     timings: dict[str, Any]
     suspected_target: int | None = None
+    residual_check: ResidualCheckOut | None = None
     metrics: dict[str, Any] | None = None
     error: ErrorOut | None = None
     cancel_requested: bool

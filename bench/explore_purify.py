@@ -237,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     out["pgd_after"] = det.get("pgd_after")
     out["inv_after_share"] = det.get("inverted_trigger_after_share")
     out["suppressed"] = det.get("sensitivity_suppressed")
-    for name in ("teacher_cleaning", "target_synthesis", "disputed_dropped", "prior_correction"):
+    for name in (
+        "teacher_cleaning",
+        "target_synthesis",
+        "disputed_dropped",
+        "prior_correction",
+        "verify",
+    ):
         if name in det:
             out[name] = det[name]
     if "permutation_inversion" in det:

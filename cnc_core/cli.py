@@ -209,6 +209,15 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {key}: {value:.2f}x")
     if result.suspected_target is not None:
         print(f"  suspected backdoor target class: {result.suspected_target}")
+    residual = (report.get("detection") or {}).get("verify")
+    if residual and residual["verdict"] == "outlier":
+        print(
+            f"  WARNING: removal unconfirmed: class {residual['class']} still has an "
+            f"anomalously small trigger (anomaly index {residual['anomaly_index']:.2f}); "
+            "see the report"
+        )
+    elif residual:
+        print(f"  residual check: no outlier (anomaly index {residual['anomaly_index']:.2f})")
     for key, value in report.get("evaluation", {}).items():
         print(f"  {key}: {value:.2f}%")
     print(f"  device {result.device}; report {result.artifacts['report.md']} (and .json)")

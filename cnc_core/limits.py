@@ -110,6 +110,9 @@ KNOB_LIMITS: dict[str, Limit] = {
     "dynamic_min_targets": GATE,
     "warp": SWITCH,
     "warp_steps": STEPS,
+    "verify": SWITCH,
+    "verify_threshold": GATE,
+    "verify_steps": STEPS,
     "warp_max_shift": Limit("float", 0.0, 64.0, open_low=True),  # pixels
     "warp_min_reach": GATE,
     "warp_weight": Limit("float", 0.0, 1e6, nullable=True),

@@ -263,6 +263,50 @@ def _detection(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _residual(report: dict[str, Any]) -> list[str]:
+    """The data-free check of the purified model (``detection.verify``), as a verdict."""
+    rec = (report.get("detection") or {}).get("verify")
+    if not rec:
+        return []
+    k = rec["class"]
+    growth = rec.get("mask_growth")
+    size = (
+        f"mask L1 {rec['mask_norms'][k]:.1f}"
+        + (f", {growth[k]:.2f}x its size on the original" if growth else "")
+        + f", flips {_pct(rec['success'][k])} of the images"
+    )
+    if rec["verdict"] == "outlier":
+        acted = rec.get("acted_on")
+        which = (
+            "the backdoor the purification treated (class {k}) may remain"
+            if acted == k
+            else "a backdoor to class {k} may remain"
+            + (
+                f" (the purification treated class {acted} as the target)"
+                if acted is not None
+                else ""
+            )
+        ).format(k=k)
+        return [
+            "## Residual check: removal unconfirmed",
+            "",
+            f"**Warning: {which}.** Neural Cleanse re-run on the purified model still finds an "
+            f"anomalously small trigger for class {k} (anomaly index {rec['anomaly_index']:.2f}"
+            f" >= {rec['anomaly_threshold']:g}; {size}). Test the model on triggered data of "
+            "your own (`--eval-poisoned`) before you ship it.",
+            "",
+        ]
+    return [
+        "## Residual check",
+        "",
+        "Neural Cleanse re-run on the purified model finds no class with an anomalously small "
+        f"trigger (the largest anomaly index {rec['anomaly_index']:.2f}, class {k}, under "
+        f"{rec['anomaly_threshold']:g}; {size}). This is evidence, not proof: an all-to-all or "
+        "input-dependent backdoor gives Neural Cleanse no outlier even before purification.",
+        "",
+    ]
+
+
 def _evaluation(report: dict[str, Any]) -> list[str]:
     ev = report.get("evaluation")
     if not ev:
@@ -470,6 +514,7 @@ def render_report(report: dict[str, Any]) -> str:
     """The Markdown page of a job's ``report.json`` dictionary."""
     lines = ["# cnc report", "", "![summary](plots/summary.png)", ""]
     lines += _summary(report)
+    lines += _residual(report)
     lines += _detection(report)
     lines += _evaluation(report)
     lines += _timings(report)

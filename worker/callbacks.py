@@ -17,6 +17,7 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.residual import residual_summary
 from app.core.security import SIGNATURE_HEADER, host_allowed, sign_payload
 from app.db.models import TERMINAL_STATUSES, CallbackStatus, Job, Tenant
 from app.queue import JobQueue
@@ -35,6 +36,7 @@ def payload(job: Job) -> dict[str, Any]:
             "batch_id": str(job.batch_id) if job.batch_id else None,
             "error": {"code": job.error_code, "message": job.error} if job.error else None,
             "suspected_target": job.suspected_target,
+            "residual_check": residual_summary(report),
             "metrics": report.get("metrics") if isinstance(report, dict) else None,
             "device": job.device,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,

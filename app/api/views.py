@@ -10,8 +10,9 @@ from sqlalchemy import Engine, Row, select
 from sqlalchemy.orm import Session
 
 from app.core.problems import Problem
+from app.core.residual import residual_summary
 from app.db.models import Artifact, CallbackStatus, Job, JobStatus, Model
-from app.schemas import ArtifactOut, CallbackOut, ErrorOut, JobOut, ModelOut
+from app.schemas import ArtifactOut, CallbackOut, ErrorOut, JobOut, ModelOut, ResidualCheckOut
 
 
 def model_out(model: Model) -> ModelOut:
@@ -48,6 +49,7 @@ ArtifactRow = Artifact | Row[Any]
 def job_out(job: JobRow, artifacts: Sequence[ArtifactRow] = ()) -> JobOut:
     report = job.report or {}
     metrics = report.get("metrics") if isinstance(report, dict) else None
+    residual = residual_summary(report)
     return JobOut(
         id=job.id,
         status=job.status,
@@ -66,6 +68,7 @@ def job_out(job: JobRow, artifacts: Sequence[ArtifactRow] = ()) -> JobOut:
         updated_at=job.updated_at,
         timings=job.timings or {},
         suspected_target=job.suspected_target,
+        residual_check=ResidualCheckOut(**residual) if residual else None,
         metrics=metrics if isinstance(metrics, dict) else None,
         error=ErrorOut(code=job.error_code or "error", message=job.error) if job.error else None,
         cancel_requested=job.cancel_requested,

@@ -114,6 +114,7 @@ from cnc_core.purify.sensitivity import (
     suppress_sensitive_ranks,
 )
 from cnc_core.purify.synthesis import SynthesisConfig, cpu_channels_last, synthesize
+from cnc_core.purify.verify import VerifyConfig, residual_check
 from cnc_core.purify.warp import WarpInversionConfig, apply_warp, warp_inversion, warp_stamp
 
 __all__ = [
@@ -158,6 +159,8 @@ PRIOR_REFERENCES = ("cleaned", "original")  # PurifyConfig.prior_reference
 #: (the work of three of 12; session 17, explore-purify.md 4v: on BadNet all-to-all's seed-1
 #: images 18 of 24 restarts found the trigger against 7 of 12, and every search did) and
 #: one whole-image blend (session 15, 4t).
+# Neural Cleanse in the cnc preset: on the original (the proxies) and on the purified model
+INVERSION = TriggerInversionConfig(steps=60, images_per_class=16)
 PERMUTATION = PermutationInversionConfig(restarts=6, images_per_class=6, blend_restarts=1)
 
 
@@ -463,6 +466,10 @@ class PurifyConfig:
     blend_alpha: float = 0.2
     blend_noise: int = 8
     detect: bool = True  # PGD class histogram before and after (the detection signal)
+    # Data-free check of the purified model (:mod:`.verify`): Neural Cleanse re-run on it;
+    # a class whose trigger is still anomalously small is reported ("removal unconfirmed").
+    # It reads the model and changes nothing. None: not run.
+    verify: VerifyConfig | None = None
     detect_images: int = 256
     detect_pgd: PGDConfig = field(default_factory=lambda: PGDConfig(eps=8 / 255, steps=10))
     seed: int = 0
@@ -501,7 +508,7 @@ class PurifyConfig:
             synthesis=synth,
             proxy=ProxyConfig(
                 kind="trigger_inversion",
-                inversion=TriggerInversionConfig(steps=60, images_per_class=16),
+                inversion=INVERSION,
                 seed=seed,
             ),
             # BN in train mode (frozen BN diverged, explore-purify.md section 3), no
@@ -611,6 +618,9 @@ class PurifyConfig:
             # round there kept >= 0.81 agreement, and the one model whose share and Neural
             # Cleanse disagree (WaNet all-to-one) has a warp past its gate
             share_steers_inversion=True,
+            # the purified model checked for a class a tiny trigger still reaches (session
+            # 29, explore-purify.md 4ah); it reads the model only
+            verify=VerifyConfig(inversion=INVERSION),
             # ranks allocated on the response spectra (with the method's compression
             # defaults, METHOD_COMPRESS_DEFAULTS): 72.60 -> 86.45 ACC right after refit (4m)
             allocation_spectra="response",
@@ -711,6 +721,9 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "optimizer": ("finetune", "optimizer"),
     "weight_decay": ("finetune", "weight_decay"),
     "detect": ("detect",),
+    "verify": ("verify",),  # False/None disables
+    "verify_threshold": ("verify", "anomaly_threshold"),
+    "verify_steps": ("verify", "inversion", "steps"),
     "refit": ("refit",),  # False/None disables
     "refit_damping": ("refit", "damping"),
     "refit_weighting": ("refit", "output_weighting"),
@@ -795,6 +808,7 @@ def _optional_defaults() -> dict[str, Any]:
         "permutation": PERMUTATION,
         "dynamic": DYNAMIC,
         "warp": WARP,
+        "verify": VerifyConfig(inversion=INVERSION),
     }
 
 
@@ -887,6 +901,9 @@ def _stages(config: PurifyConfig) -> list[tuple[str, float]]:
         stages.append(("prior", (config.prior_correction + 2) * s.num_images / 10000))
     if config.detect:
         stages.append(("detect_after", config.detect_pgd.steps * config.detect_images / 2000))
+    if config.verify is not None:
+        inv = config.verify.inversion
+        stages.append(("verify", inv.steps * inv.images_per_class * 10 / 3000))
     return stages
 
 
@@ -1384,6 +1401,20 @@ def purify(
             still = predict(student, proxies.images)
             detection["inverted_trigger_after_share"] = float(
                 (still == proxies.inversion.suspected_target).float().mean()
+            )
+    if config.verify is not None:
+        with plan.stage("verify"):
+            detection["verify"] = residual_check(
+                student,
+                clean,
+                config.verify,
+                original=proxies.inversion,
+                acted_on=suspected,
+                mean=mean,
+                std=std,
+                num_classes=num_classes,
+                seed=config.seed,
+                progress=plan.nested("verify"),
             )
     return PurifyResult(
         model=student.eval(),

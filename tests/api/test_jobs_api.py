@@ -389,3 +389,31 @@ def test_width_defaults_to_the_architecture_standard(client, make_key):
     r = client.post("/v1/jobs", json=body, headers=bearer(key))
     assert r.status_code == 202, r.text
     assert r.json()["spec"]["width"] is None  # the worker builds the registry default
+
+
+def test_job_view_shows_the_residual_check_of_the_report(client, make_key, engine):
+    key = make_key()
+    model_id = upload(client, key)
+    job_id = client.post("/v1/jobs", json=spec(model_id), headers=bearer(key)).json()["id"]
+    url = f"/v1/jobs/{job_id}"
+    assert client.get(url, headers=bearer(key)).json()["residual_check"] is None
+    verify = {"verdict": "outlier", "class": 4, "anomaly_index": 3.1, "anomaly_threshold": 2.0}
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(
+                status=JobStatus.SUCCEEDED,
+                report={"detection": {"verify": {**verify, "acted_on": 0, "mask_norms": [1]}}},
+            )
+        )
+    got = client.get(url, headers=bearer(key)).json()["residual_check"]
+    assert got == {
+        "verdict": "outlier",
+        "suspect_class": 4,
+        "anomaly_index": 3.1,
+        "anomaly_threshold": 2.0,
+        "acted_on": 0,
+    }
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schema["ResidualCheckOut"]["properties"]["verdict"]["enum"] == ["outlier", "none"]

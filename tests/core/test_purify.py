@@ -40,6 +40,7 @@ SMALL = dict(
     permutation_steps=3,
     dynamic_steps=3,
     warp_steps=3,
+    verify_steps=3,
 )
 
 

@@ -52,7 +52,11 @@ def _ended_job(engine, settings, tmp_path: Path, url: str):
         conn.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(status=JobStatus.SUCCEEDED, suspected_target=3)
+            .values(
+                status=JobStatus.SUCCEEDED,
+                suspected_target=3,
+                report={"detection": {"verify": {"verdict": "none", "class": 6}}},
+            )
         )
     with Session(engine) as s:
         secret = s.get(Tenant, tenant).callback_secret
@@ -73,6 +77,8 @@ def test_signed_delivery(engine, settings, queue, tmp_path):
     payload = json.loads(body)
     assert payload["event"] == "job.succeeded"
     assert payload["job"]["id"] == str(job_id) and payload["job"]["suspected_target"] == 3
+    residual = payload["job"]["residual_check"]
+    assert residual["verdict"] == "none" and residual["suspect_class"] == 6
     job = get_job(engine, job_id)
     assert job.callback_status == "delivered" and job.callback_attempts == 1
     # Delivered once: a duplicate task does not post again.

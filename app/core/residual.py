@@ -1,0 +1,30 @@
+"""The purified model's residual-backdoor check, read from a job's report (no torch).
+
+``cnc_core.purify.verify`` writes ``report["detection"]["verify"]``; the job view and the
+callback payload both show this short form of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["residual_summary"]
+
+
+def residual_summary(report: Any) -> dict[str, Any] | None:
+    """``verdict`` ("outlier": removal unconfirmed; "none"), the most anomalous class on the
+    purified model (``suspect_class``) with its ``anomaly_index`` and the
+    ``anomaly_threshold``, and the class the purification treated (``acted_on``); None
+    where the job ran no check (another method, or a report from before the check)."""
+    if not isinstance(report, dict):
+        return None
+    rec = (report.get("detection") or {}).get("verify")
+    if not isinstance(rec, dict) or "verdict" not in rec:
+        return None
+    return {
+        "verdict": rec["verdict"],
+        "suspect_class": rec.get("class"),
+        "anomaly_index": rec.get("anomaly_index"),
+        "anomaly_threshold": rec.get("anomaly_threshold"),
+        "acted_on": rec.get("acted_on"),
+    }
