@@ -222,14 +222,16 @@ class CallbackOut(BaseModel):
 
 class ResidualCheckOut(BaseModel):
     """Neural Cleanse re-run on the purified model (method ``cnc``; README, "Residual
-    check"). ``verdict`` "outlier": a class still has an anomalously small trigger, the
-    removal is unconfirmed; "none": no class stands out (evidence, not proof: an all-to-all
-    backdoor gives no outlier even before purification)."""
+    check"). ``verdict`` "residual": a class that was Neural Cleanse's outlier on the
+    original still needs a small trigger (its mask grew less than ``min_relative_growth``
+    times the median class's), the removal is unconfirmed; "cleared": every such class's
+    mask grew past the bar; "unchecked": Neural Cleanse saw no outlier on the original
+    (all-to-all, input-dependent and warp backdoors give none), nothing to confirm."""
 
-    verdict: Literal["outlier", "none"]
+    verdict: Literal["residual", "cleared", "unchecked"]
     suspect_class: int | None = None
-    anomaly_index: float | None = None
-    anomaly_threshold: float | None = None
+    relative_growth: float | None = None
+    min_relative_growth: float | None = None
     acted_on: int | None = None
 
 

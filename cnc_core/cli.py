@@ -210,14 +210,14 @@ def _run(args: argparse.Namespace) -> int:
     if result.suspected_target is not None:
         print(f"  suspected backdoor target class: {result.suspected_target}")
     residual = (report.get("detection") or {}).get("verify")
-    if residual and residual["verdict"] == "outlier":
+    if residual and residual["verdict"] == "residual":
         print(
-            f"  WARNING: removal unconfirmed: class {residual['class']} still has an "
-            f"anomalously small trigger (anomaly index {residual['anomaly_index']:.2f}); "
-            "see the report"
+            f"  WARNING: removal unconfirmed: class {residual['class']}'s trigger is still "
+            f"small on the purified model (grew {residual['relative_growth_of_class']:.2f}x "
+            "the median class's); see the report"
         )
     elif residual:
-        print(f"  residual check: no outlier (anomaly index {residual['anomaly_index']:.2f})")
+        print(f"  residual check: {residual['verdict']} (see the report)")
     for key, value in report.get("evaluation", {}).items():
         print(f"  {key}: {value:.2f}%")
     print(f"  device {result.device}; report {result.artifacts['report.md']} (and .json)")

@@ -269,40 +269,51 @@ def _residual(report: dict[str, Any]) -> list[str]:
     if not rec:
         return []
     k = rec["class"]
-    growth = rec.get("mask_growth")
-    size = (
-        f"mask L1 {rec['mask_norms'][k]:.1f}"
-        + (f", {growth[k]:.2f}x its size on the original" if growth else "")
-        + f", flips {_pct(rec['success'][k])} of the images"
+    i = rec["classes"].index(k)
+    facts = (
+        f"class {k}'s mask L1 {rec['mask_norms'][i]:.1f} on the purified model, "
+        f"{rec['mask_growth'][i]:.2f}x its size on the original and "
+        f"{rec['relative_growth'][i]:.2f}x the median class's growth (bar "
+        f"{rec['min_relative_growth']:g}x); anomaly index {rec['original_anomaly_indices'][i]:.2f} "
+        f"before, {rec['anomaly_indices'][i]:.2f} after"
     )
-    if rec["verdict"] == "outlier":
-        acted = rec.get("acted_on")
-        which = (
-            "the backdoor the purification treated (class {k}) may remain"
-            if acted == k
-            else "a backdoor to class {k} may remain"
-            + (
-                f" (the purification treated class {acted} as the target)"
-                if acted is not None
-                else ""
-            )
-        ).format(k=k)
+    new = rec.get("new_outliers") or []
+    note = (
+        f" Outliers on the purified model only: class {', '.join(map(str, new))} (compression "
+        "moves the natural classes' masks; not taken as a backdoor)."
+        if new
+        else ""
+    )
+    limit = (
+        " The check cannot see an all-to-all or input-dependent backdoor: Neural Cleanse "
+        "gives it no outlier even before purification."
+    )
+    if rec["verdict"] == "residual":
         return [
             "## Residual check: removal unconfirmed",
             "",
-            f"**Warning: {which}.** Neural Cleanse re-run on the purified model still finds an "
-            f"anomalously small trigger for class {k} (anomaly index {rec['anomaly_index']:.2f}"
-            f" >= {rec['anomaly_threshold']:g}; {size}). Test the model on triggered data of "
-            "your own (`--eval-poisoned`) before you ship it.",
+            f"**Warning: the backdoor to class {k} may remain.** Neural Cleanse found an "
+            f"anomalously small trigger for class {k} on the original model, and re-run on the "
+            f"purified model it still needs one hardly larger than before ({facts}). Test the "
+            "model on triggered data of your own (`--eval-poisoned`) before you ship it." + note,
+            "",
+        ]
+    if rec["verdict"] == "cleared":
+        checked = ", ".join(map(str, rec["checked"]))
+        return [
+            "## Residual check: cleared",
+            "",
+            f"Neural Cleanse's outlier on the original (class {checked}) no longer stands out: "
+            f"re-run on the purified model, its trigger has grown far more than the other "
+            f"classes' ({facts}). This is evidence, not proof." + limit + note,
             "",
         ]
     return [
-        "## Residual check",
+        "## Residual check: nothing to check",
         "",
-        "Neural Cleanse re-run on the purified model finds no class with an anomalously small "
-        f"trigger (the largest anomaly index {rec['anomaly_index']:.2f}, class {k}, under "
-        f"{rec['anomaly_threshold']:g}; {size}). This is evidence, not proof: an all-to-all or "
-        "input-dependent backdoor gives Neural Cleanse no outlier even before purification.",
+        "Neural Cleanse found no class with an anomalously small trigger on the original "
+        f"model (none at anomaly index {rec['anomaly_threshold']:g} or more), so it has nothing "
+        "to confirm gone." + limit + note,
         "",
     ]
 

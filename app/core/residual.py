@@ -12,9 +12,10 @@ __all__ = ["residual_summary"]
 
 
 def residual_summary(report: Any) -> dict[str, Any] | None:
-    """``verdict`` ("outlier": removal unconfirmed; "none"), the most anomalous class on the
-    purified model (``suspect_class``) with its ``anomaly_index`` and the
-    ``anomaly_threshold``, and the class the purification treated (``acted_on``); None
+    """``verdict`` ("residual": removal unconfirmed; "cleared"; "unchecked": Neural Cleanse
+    saw no outlier on the original), the class it is about (``suspect_class``) with its
+    ``relative_growth`` (its mask's growth over the median class's) and the bar
+    (``min_relative_growth``), and the class the purification treated (``acted_on``); None
     where the job ran no check (another method, or a report from before the check)."""
     if not isinstance(report, dict):
         return None
@@ -24,7 +25,7 @@ def residual_summary(report: Any) -> dict[str, Any] | None:
     return {
         "verdict": rec["verdict"],
         "suspect_class": rec.get("class"),
-        "anomaly_index": rec.get("anomaly_index"),
-        "anomaly_threshold": rec.get("anomaly_threshold"),
+        "relative_growth": rec.get("relative_growth_of_class"),
+        "min_relative_growth": rec.get("min_relative_growth"),
         "acted_on": rec.get("acted_on"),
     }

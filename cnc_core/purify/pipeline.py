@@ -467,8 +467,9 @@ class PurifyConfig:
     blend_noise: int = 8
     detect: bool = True  # PGD class histogram before and after (the detection signal)
     # Data-free check of the purified model (:mod:`.verify`): Neural Cleanse re-run on it;
-    # a class whose trigger is still anomalously small is reported ("removal unconfirmed").
-    # It reads the model and changes nothing. None: not run.
+    # a class that was its outlier on the original and whose mask has not grown against the
+    # other classes' is reported ("removal unconfirmed"). It reads the model and changes
+    # nothing. None: not run.
     verify: VerifyConfig | None = None
     detect_images: int = 256
     detect_pgd: PGDConfig = field(default_factory=lambda: PGDConfig(eps=8 / 255, steps=10))
@@ -723,6 +724,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "detect": ("detect",),
     "verify": ("verify",),  # False/None disables
     "verify_threshold": ("verify", "anomaly_threshold"),
+    "verify_min_growth": ("verify", "min_relative_growth"),
     "verify_steps": ("verify", "inversion", "steps"),
     "refit": ("refit",),  # False/None disables
     "refit_damping": ("refit", "damping"),
@@ -1404,11 +1406,20 @@ def purify(
             )
     if config.verify is not None:
         with plan.stage("verify"):
+            original_inversion = proxies.inversion or trigger_inversion(  # PGD proxies: none
+                teacher,
+                clean,
+                config.verify.inversion,
+                mean=mean,
+                std=std,
+                num_classes=num_classes,
+                generator=torch.Generator().manual_seed(config.seed + config.verify.seed_offset),
+            )
             detection["verify"] = residual_check(
                 student,
                 clean,
                 config.verify,
-                original=proxies.inversion,
+                original_inversion,
                 acted_on=suspected,
                 mean=mean,
                 std=std,

@@ -397,23 +397,29 @@ def test_job_view_shows_the_residual_check_of_the_report(client, make_key, engin
     job_id = client.post("/v1/jobs", json=spec(model_id), headers=bearer(key)).json()["id"]
     url = f"/v1/jobs/{job_id}"
     assert client.get(url, headers=bearer(key)).json()["residual_check"] is None
-    verify = {"verdict": "outlier", "class": 4, "anomaly_index": 3.1, "anomaly_threshold": 2.0}
+    verify = {
+        "verdict": "residual",
+        "class": 4,
+        "relative_growth_of_class": 1.1,
+        "min_relative_growth": 1.5,
+    }
     with engine.begin() as conn:
         conn.execute(
             update(Job)
             .where(Job.id == uuid.UUID(job_id))
             .values(
                 status=JobStatus.SUCCEEDED,
-                report={"detection": {"verify": {**verify, "acted_on": 0, "mask_norms": [1]}}},
+                report={"detection": {"verify": {**verify, "acted_on": 0, "mask_norms": [1.0]}}},
             )
         )
     got = client.get(url, headers=bearer(key)).json()["residual_check"]
     assert got == {
-        "verdict": "outlier",
+        "verdict": "residual",
         "suspect_class": 4,
-        "anomaly_index": 3.1,
-        "anomaly_threshold": 2.0,
+        "relative_growth": 1.1,
+        "min_relative_growth": 1.5,
         "acted_on": 0,
     }
     schema = client.get("/openapi.json").json()["components"]["schemas"]
-    assert schema["ResidualCheckOut"]["properties"]["verdict"]["enum"] == ["outlier", "none"]
+    verdicts = schema["ResidualCheckOut"]["properties"]["verdict"]["enum"]
+    assert verdicts == ["residual", "cleared", "unchecked"]

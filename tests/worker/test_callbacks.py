@@ -55,7 +55,7 @@ def _ended_job(engine, settings, tmp_path: Path, url: str):
             .values(
                 status=JobStatus.SUCCEEDED,
                 suspected_target=3,
-                report={"detection": {"verify": {"verdict": "none", "class": 6}}},
+                report={"detection": {"verify": {"verdict": "cleared", "class": 6}}},
             )
         )
     with Session(engine) as s:
@@ -78,7 +78,7 @@ def test_signed_delivery(engine, settings, queue, tmp_path):
     assert payload["event"] == "job.succeeded"
     assert payload["job"]["id"] == str(job_id) and payload["job"]["suspected_target"] == 3
     residual = payload["job"]["residual_check"]
-    assert residual["verdict"] == "none" and residual["suspect_class"] == 6
+    assert residual["verdict"] == "cleared" and residual["suspect_class"] == 6
     job = get_job(engine, job_id)
     assert job.callback_status == "delivered" and job.callback_attempts == 1
     # Delivered once: a duplicate task does not post again.
