@@ -36,7 +36,8 @@ from cnc_core.purify.verify import residual_check  # noqa: E402
 
 HEADER = (
     "| model | checked | ACC / ASR (2,000 imgs) | treated | NC on the original: class, anomaly "
-    "| verdict | class: growth, relative growth | anomaly index before -> after | new outliers |"
+    "| verdict | class: growth, relative growth | blend reach, original -> checked "
+    "| anomaly index before -> after | new outliers |"
 )
 
 
@@ -54,13 +55,21 @@ def _scores(acc: float, asr: float | None) -> str:
     return f"{acc:.2f} / " + ("-" if asr is None else f"{asr:.2f}")
 
 
+def _reach(rec: dict[str, Any], k: int) -> str:
+    shares = rec["blend_reach"].get(str(k))
+    reasons = rec["reasons"].get(str(k), [])
+    flag = f" ({', '.join(reasons)})" if reasons else ""
+    return ("-" if shares is None else f"{shares[0]:.2f} -> {shares[1]:.2f}") + flag
+
+
 def _row(name: str, kind: str, scores: str, rec: dict[str, Any], orig: Any) -> str:
     k = rec["class"]
     i = rec["classes"].index(k)
     return (
         f"| {name} | {kind} | {scores} | {rec.get('acted_on')} | {orig.suspected_target}, "
         f"{orig.anomaly_index:.2f} | **{rec['verdict']}** | {k}: {rec['mask_growth'][i]:.2f}x, "
-        f"{rec['relative_growth'][i]:.2f}x | {rec['original_anomaly_indices'][i]:.2f} -> "
+        f"{rec['relative_growth'][i]:.2f}x | {_reach(rec, k)} "
+        f"| {rec['original_anomaly_indices'][i]:.2f} -> "
         f"{rec['anomaly_indices'][i]:.2f} | {rec['new_outliers'] or '-'} |"
     )
 
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 synth,
                 cfg.verify,
                 original=orig,
+                original_model=model,
                 acted_on=acted,
                 mean=FASHION_MNIST_MEAN,
                 std=FASHION_MNIST_STD,
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
             + HEADER
             + "\n"
-            + "|---" * 9
+            + "|---" * 10
             + "|\n"
             + "\n".join(rows)
             + "\n"

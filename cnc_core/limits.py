@@ -113,6 +113,7 @@ KNOB_LIMITS: dict[str, Limit] = {
     "verify": SWITCH,
     "verify_threshold": GATE,
     "verify_min_growth": Limit("float", 0.0, 1e3),
+    "verify_blend_kept": Limit("float", 0.0, 1e3),
     "verify_steps": STEPS,
     "warp_max_shift": Limit("float", 0.0, 64.0, open_low=True),  # pixels
     "warp_min_reach": GATE,

@@ -277,6 +277,13 @@ def _residual(report: dict[str, Any]) -> list[str]:
         f"{rec['min_relative_growth']:g}x); anomaly index {rec['original_anomaly_indices'][i]:.2f} "
         f"before, {rec['anomaly_indices'][i]:.2f} after"
     )
+    shares = (rec.get("blend_reach") or {}).get(str(k))
+    if shares is not None:
+        facts += (
+            f"; its mean-difference blend (opacity {rec['blend_alpha']:g}) sends "
+            f"{_pct(shares[0])} of the other images to it on the original, {_pct(shares[1])} "
+            f"on the purified model (bar: {rec['max_blend_kept']:g} of the original's)"
+        )
     new = rec.get("new_outliers") or []
     note = (
         f" Outliers on the purified model only: class {', '.join(map(str, new))} (compression "
@@ -289,13 +296,21 @@ def _residual(report: dict[str, Any]) -> list[str]:
         "gives it no outlier even before purification."
     )
     if rec["verdict"] == "residual":
+        reasons = (rec.get("reasons") or {}).get(str(k), ["mask"])
+        why = " and ".join(
+            {
+                "mask": "its trigger is hardly larger than before",
+                "blend": "the blend of its images still reaches it",
+            }[r]
+            for r in reasons
+        )
         return [
             "## Residual check: removal unconfirmed",
             "",
             f"**Warning: the backdoor to class {k} may remain.** Neural Cleanse found an "
-            f"anomalously small trigger for class {k} on the original model, and re-run on the "
-            f"purified model it still needs one hardly larger than before ({facts}). Test the "
-            "model on triggered data of your own (`--eval-poisoned`) before you ship it." + note,
+            f"anomalously small trigger for class {k} on the original model; on the purified "
+            f"model {why} ({facts}). Test the model on triggered data of your own "
+            "(`--eval-poisoned`) before you ship it." + note,
             "",
         ]
     if rec["verdict"] == "cleared":
@@ -305,7 +320,8 @@ def _residual(report: dict[str, Any]) -> list[str]:
             "",
             f"Neural Cleanse's outlier on the original (class {checked}) no longer stands out: "
             f"re-run on the purified model, its trigger has grown far more than the other "
-            f"classes' ({facts}). This is evidence, not proof." + limit + note,
+            f"classes'{' and the blend of its images lost its reach' if shares else ''} "
+            f"({facts}). This is evidence, not proof." + limit + note,
             "",
         ]
     return [

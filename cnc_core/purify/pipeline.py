@@ -725,6 +725,7 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "verify": ("verify",),  # False/None disables
     "verify_threshold": ("verify", "anomaly_threshold"),
     "verify_min_growth": ("verify", "min_relative_growth"),
+    "verify_blend_kept": ("verify", "max_blend_kept"),
     "verify_steps": ("verify", "inversion", "steps"),
     "refit": ("refit",),  # False/None disables
     "refit_damping": ("refit", "damping"),
@@ -1420,6 +1421,7 @@ def purify(
                 clean,
                 config.verify,
                 original_inversion,
+                original_model=teacher,
                 acted_on=suspected,
                 mean=mean,
                 std=std,

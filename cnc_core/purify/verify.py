@@ -10,8 +10,16 @@ target's mask grows several times more than the median class's; a backdoor left 
 small. Verdicts:
 
 - ``"residual"``: an outlier of the original grew less than ``min_relative_growth`` times
-  the median class's growth. The backdoor may remain; the report warns and names the class.
-- ``"cleared"``: every outlier of the original grew at least that much.
+  the median class's growth, or (given the original model) the class's **blend reach**
+  stayed: the mean-difference blend of :func:`.proxies.mean_difference_pattern` (what the
+  original's synthetic images of the class have in common beyond the rest, blended in at
+  ``blend_alpha``) still sends at least ``max_blend_kept`` of its share on the original to
+  the class. A blend trigger's removal does not show in the mask (Neural Cleanse's
+  patch-like trigger for it stops working while the blend still does: a width-8 Blended
+  all-to-one kept 65% ASR with its target's mask grown 1.85x), it shows in the blend's
+  reach (0.74 of it kept there, 0.27-0.31 where a backdoor went). The backdoor may remain;
+  the report warns and names the class.
+- ``"cleared"``: every outlier of the original passed both.
 - ``"unchecked"``: Neural Cleanse saw no outlier on the original (an all-to-all or
   input-dependent backdoor, a warp, a clean model, or a target it missed), so there is
   nothing it can confirm gone. The searches that found such triggers act on them all the
@@ -39,10 +47,14 @@ from cnc_core.purify.proxies import (
     Norm,
     TriggerInversionConfig,
     TriggerInversionResult,
+    apply_trigger,
+    blend_triggers,
+    mean_difference_pattern,
+    predict,
     trigger_inversion,
 )
 
-__all__ = ["VERDICTS", "VerifyConfig", "residual_check"]
+__all__ = ["VERDICTS", "VerifyConfig", "blend_reach", "residual_check"]
 
 VERDICTS = ("residual", "cleared", "unchecked")
 
@@ -58,6 +70,12 @@ class VerifyConfig:
     # An outlier whose mask grew less than this multiple of the median class's growth is
     # still there
     min_relative_growth: float = 1.5
+    # ... and one whose mean-difference blend (at this opacity) still sends at least this
+    # fraction of its share on the original to the class, where that share was at least
+    # ``min_blend_reach`` (a blend that does nothing on the original says nothing)
+    blend_alpha: float = 0.3
+    max_blend_kept: float = 0.5
+    min_blend_reach: float = 0.2
     # Added to the purification seed: the re-inversion draws its own images and init
     seed_offset: int = 977
 
@@ -66,12 +84,40 @@ def _rounded(values: list[float], digits: int = 4) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
+def blend_reach(
+    original: nn.Module,
+    purified: nn.Module,
+    images: Tensor,
+    target: int,
+    alpha: float,
+    *,
+    mean: Norm = 0.0,
+    std: Norm = 1.0,
+) -> tuple[float, float] | None:
+    """The share of ``images`` (those each model does not already call ``target``) that the
+    original's mean-difference blend for ``target`` sends to it, on the original and on the
+    purified model; None where the original calls no image, or every image, ``target``."""
+    pattern = mean_difference_pattern(original, images, target, mean=mean, std=std)
+    if pattern is None:
+        return None
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    masks, patterns = blend_triggers(pattern[None], alpha, size)
+    stamped = apply_trigger(images, masks[0], patterns[0], mean=mean, std=std)
+    shares = []
+    for net in (original, purified):
+        away = predict(net, images) != target
+        moved = predict(net, stamped[away]) == target
+        shares.append(float(moved.float().mean()) if away.any() else 0.0)
+    return shares[0], shares[1]
+
+
 def residual_check(
     model: nn.Module,
     images: Tensor,
     config: VerifyConfig,
     original: TriggerInversionResult,
     *,
+    original_model: nn.Module | None = None,
     acted_on: int | None = None,
     mean: Norm = 0.0,
     std: Norm = 1.0,
@@ -90,15 +136,19 @@ def residual_check(
         Clean synthetic images, normalised space.
     original : TriggerInversionResult
         Neural Cleanse on the original model, over the same classes.
+    original_model : nn.Module, optional
+        The original model, for the blend reach (without it, the mask growth alone).
     acted_on : int, optional
         The class the purification treated as the target (recorded beside the verdict).
 
     Returns
     -------
     dict
-        ``verdict``; ``checked`` (the original's outliers), ``flagged`` (those still there);
-        ``class``, the class the verdict is about (the flagged one that grew least, else
-        the checked one that grew least, else the most anomalous on the purified model);
+        ``verdict``; ``checked`` (the original's outliers), ``flagged`` (those still there)
+        with their ``reasons`` ("mask", "blend"), the ``blend_reach`` of the checked classes
+        (original, purified); ``class``, the class the verdict is about (of the flagged, else
+        the checked, the one with the largest anomaly index on the original; else the most
+        anomalous on the purified model);
         every class's ``mask_growth`` (purified / original mask L1) and
         ``relative_growth`` (over the median class's), ``anomaly_indices``, ``mask_norms``
         and ``success`` on the purified model, the ``original_anomaly_indices``, and the
@@ -128,9 +178,28 @@ def residual_check(
     before = dict(zip(inv.classes, original.anomaly_indices, strict=True))
     after = dict(zip(inv.classes, inv.anomaly_indices, strict=True))
     checked = [k for k in inv.classes if before[k] >= bar]
-    flagged = [k for k in checked if relative[k] < config.min_relative_growth]
-    if flagged or checked:
-        shown = min(flagged or checked, key=relative.__getitem__)
+    reach: dict[int, tuple[float, float]] = {}
+    if original_model is not None:
+        for k in checked:
+            shares = blend_reach(
+                original_model, model, images, k, config.blend_alpha, mean=mean, std=std
+            )
+            if shares is not None and shares[0] >= config.min_blend_reach:
+                reach[k] = shares
+    reasons = {
+        k: [
+            *(["mask"] if relative[k] < config.min_relative_growth else []),
+            *(
+                ["blend"]
+                if k in reach and reach[k][1] >= config.max_blend_kept * reach[k][0]
+                else []
+            ),
+        ]
+        for k in checked
+    }
+    flagged = [k for k in checked if reasons[k]]
+    if checked:  # the verdict is about the clearest outlier of the original among them
+        shown = max(flagged or checked, key=before.__getitem__)
         verdict = "residual" if flagged else "cleared"
     else:
         shown, verdict = inv.suspected_target, "unchecked"
@@ -141,9 +210,13 @@ def residual_check(
         "anomaly_index": round(after[shown], 4),
         "checked": checked,
         "flagged": flagged,
+        "reasons": {str(k): reasons[k] for k in flagged},
+        "blend_reach": {str(k): [round(a, 4), round(b, 4)] for k, (a, b) in reach.items()},
         "new_outliers": [k for k in inv.classes if after[k] >= bar and before[k] < bar],
         "anomaly_threshold": bar,
         "min_relative_growth": config.min_relative_growth,
+        "blend_alpha": config.blend_alpha,
+        "max_blend_kept": config.max_blend_kept,
         "classes": inv.classes,
         "mask_growth": _rounded(growth.tolist(), 3),
         "relative_growth": _rounded(list(relative.values()), 3),

@@ -13,7 +13,7 @@ from cnc_core.purify.proxies import (
     TriggerInversionResult,
     trigger_inversion,
 )
-from cnc_core.purify.verify import VerifyConfig, residual_check
+from cnc_core.purify.verify import VerifyConfig, blend_reach, residual_check
 from cnc_core.report_md import render_report
 from tests.core.test_proxies import MEAN, STD, _stats, backdoored_tiny, make_task, poisoned_tiny
 
@@ -88,6 +88,35 @@ def test_the_growth_bar_decides_and_new_outliers_are_only_listed(
     assert rec["verdict"] == "unchecked" and rec["new_outliers"] == [2]
 
 
+def test_a_blend_that_still_reaches_the_target_is_flagged(
+    backdoored: torch.nn.Module, clean: torch.nn.Module
+) -> None:
+    """The blend reach, given the original model: its mean-difference blend of the target's
+    images, measured on both models; a bar that every share passes flags the class, one that
+    none passes leaves the mask's verdict."""
+    images, original = _images(), _inversion(backdoored)
+    shares = blend_reach(backdoored, clean, images, 2, 0.3, mean=MEAN, std=STD)
+    assert shares is not None and all(0.0 <= v <= 1.0 for v in shares)
+    keep_all = VerifyConfig(
+        inversion=CONFIG.inversion,
+        min_relative_growth=CONFIG.min_relative_growth,
+        max_blend_kept=0.0,
+        min_blend_reach=0.0,
+    )
+    rec = residual_check(
+        clean, images, keep_all, original, original_model=backdoored, mean=MEAN, std=STD
+    )
+    assert rec["verdict"] == "residual" and rec["reasons"] == {"2": ["blend"]}
+    assert rec["blend_reach"]["2"] == [round(v, 4) for v in shares]
+    page = render_report({"detection": {"verify": rec}})
+    assert "the blend of its images still reaches it" in page and "mean-difference" in page
+    never = dataclasses.replace(keep_all, max_blend_kept=1e9)
+    rec = residual_check(
+        clean, images, never, original, original_model=backdoored, mean=MEAN, std=STD
+    )
+    assert rec["verdict"] == "cleared" and "2" in rec["blend_reach"]
+
+
 def test_the_check_is_seeded_and_leaves_the_model_unchanged(backdoored: torch.nn.Module) -> None:
     before = {k: v.clone() for k, v in backdoored.state_dict().items()}
     original = _inversion(backdoored)
@@ -136,6 +165,8 @@ def _record(verdict: str, **extra: object) -> dict[str, object]:
         "relative_growth": [1.0, 1.1, 0.9, 1.05],
         "anomaly_indices": [0.1, 0.2, 0.3, 3.4],
         "original_anomaly_indices": [0.1, 0.2, 0.3, 3.5],
+        "blend_reach": {},
+        "reasons": {"3": ["mask"]} if verdict == "residual" else {},
         "success": [0.9, 0.9, 0.9, 1.0],
         **extra,
     }
