@@ -17,7 +17,7 @@ small. Verdicts:
   the class. A blend trigger's removal does not show in the mask (Neural Cleanse's
   patch-like trigger for it stops working while the blend still does: a width-8 Blended
   all-to-one kept 65% ASR with its target's mask grown 1.85x), it shows in the blend's
-  reach (0.74 of it kept there, 0.27-0.31 where a backdoor went). The backdoor may remain;
+  reach (0.74 of it kept there, 0.05-0.36 where a backdoor went). The backdoor may remain;
   the report warns and names the class.
 - ``"cleared"``: every outlier of the original passed both.
 - ``"unchecked"``: Neural Cleanse saw no outlier on the original (an all-to-all or
