@@ -6,7 +6,9 @@ original model's Neural Cleanse run (cached by explore_purify) as ``original``.
     .venv/bin/python bench/residual_check.py --width 16 --tag s29-save-w16 \\
         --students bench/.cache/students [--suffix -cnc] [--out bench/results/X.md]
 
-Students are looked up as ``STUDENTS/w{width}-{attack}-{mode}-3x{suffix}`` for each run of
+The class checked is the ``cnc`` run's suspected target (for a ``cnc-paper`` student,
+Neural Cleanse's class on the original). Students are looked up as
+``STUDENTS/w{width}-{attack}-{mode}-3x{suffix}`` for each run of
 ``--tag`` in ``bench/results/explore-log.jsonl``. ``--originals`` adds a row per original
 (the backdoored model itself, checked as if purified: the check's recall on a removal that
 did nothing). Rows go to stdout and, with ``--out``, to a markdown file.
@@ -98,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             model, cfg.synthesis, key, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
         )
         orig = _inversion(model, synth, cfg, key, synth_key(cfg.synthesis))
-        acted = run.get("suspected_target", orig.suspected_target)
+        # the class the check asks about: the cnc pipeline's suspected target; for another
+        # method's student (cnc-paper names the PGD histogram's top class), Neural
+        # Cleanse's class on the original, the backdoor its removal had to take
+        cnc = run.get("method", "cnc") == "cnc"
+        acted = run.get("suspected_target") if cnc else orig.suspected_target
         checked = [("student", load_compact(folder), _scores(run["acc"], run.get("asr")))]
         if args.originals:
             before = _scores(run["acc_before"], run.get("asr_before"))

@@ -291,6 +291,14 @@ def _residual(report: dict[str, Any]) -> list[str]:
         if new
         else ""
     )
+    untreated = rec.get("untreated_outliers") or []
+    if untreated:
+        note += (
+            f" Also an outlier on the original but not the class treated: class "
+            f"{', '.join(map(str, untreated))} (not checked: Neural Cleanse also sets natural "
+            "classes apart, and a natural class would fail the check, since nothing removed "
+            "it; it cannot tell a second target from one)."
+        )
     limit = (
         " The check cannot see an all-to-all or input-dependent backdoor: Neural Cleanse "
         "gives it no outlier even before purification."
@@ -327,9 +335,9 @@ def _residual(report: dict[str, Any]) -> list[str]:
     return [
         "## Residual check: nothing to check",
         "",
-        "Neural Cleanse found no class with an anomalously small trigger on the original "
-        f"model (none at anomaly index {rec['anomaly_threshold']:g} or more), so it has nothing "
-        "to confirm gone." + limit + note,
+        "Neural Cleanse did not set the class the purification treated apart on the original "
+        f"model (anomaly index under {rec['anomaly_threshold']:g}), so there is nothing it can "
+        "confirm gone." + limit + note,
         "",
     ]
 

@@ -117,6 +117,17 @@ def test_a_blend_that_still_reaches_the_target_is_flagged(
     assert rec["verdict"] == "cleared" and "2" in rec["blend_reach"]
 
 
+def test_only_the_treated_class_is_checked_the_other_outliers_listed(
+    backdoored: torch.nn.Module,
+) -> None:
+    original = _inversion(backdoored)
+    rec = residual_check(backdoored, _images(), CONFIG, original, acted_on=1, mean=MEAN, std=STD)
+    assert rec["verdict"] == "unchecked" and rec["checked"] == []
+    assert rec["untreated_outliers"] == [2]
+    page = render_report({"detection": {"verify": rec}})
+    assert "nothing it can confirm gone" in page and "not the class treated: class 2" in page
+
+
 def test_the_check_is_seeded_and_leaves_the_model_unchanged(backdoored: torch.nn.Module) -> None:
     before = {k: v.clone() for k, v in backdoored.state_dict().items()}
     original = _inversion(backdoored)
