@@ -196,17 +196,17 @@ def residual_check(
             )
             if shares is not None and shares[0] >= config.min_blend_reach:
                 reach[k] = shares
-    reasons = {
-        k: [
-            *(["mask"] if relative[k] < config.min_relative_growth else []),
-            *(
-                ["blend"]
-                if k in reach and reach[k][1] >= config.max_blend_kept * reach[k][0]
-                else []
-            ),
-        ]
-        for k in checked
-    }
+
+    def failed(k: int) -> list[str]:
+        """The tests class ``k`` fails: its mask hardly grew, its blend still reaches it."""
+        tests = []
+        if relative[k] < config.min_relative_growth:
+            tests.append("mask")
+        if k in reach and reach[k][1] >= config.max_blend_kept * reach[k][0]:
+            tests.append("blend")
+        return tests
+
+    reasons = {k: failed(k) for k in checked}
     flagged = [k for k in checked if reasons[k]]
     if checked:  # the verdict is about the clearest outlier of the original among them
         shown = max(flagged or checked, key=before.__getitem__)

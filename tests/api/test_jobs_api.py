@@ -423,3 +423,13 @@ def test_job_view_shows_the_residual_check_of_the_report(client, make_key, engin
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     verdicts = schema["ResidualCheckOut"]["properties"]["verdict"]["enum"]
     assert verdicts == ["residual", "cleared", "unchecked"]
+
+
+def test_the_api_knows_every_verdict_of_the_residual_check():
+    """``app.schemas.ResidualCheckOut`` copies the verdicts (the API never imports torch)."""
+    from typing import get_args
+
+    from app.schemas import ResidualCheckOut
+    from cnc_core.purify.verify import VERDICTS
+
+    assert get_args(ResidualCheckOut.model_fields["verdict"].annotation) == VERDICTS
